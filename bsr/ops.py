@@ -67,8 +67,11 @@ def select_tokens(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def gather_tokens(x: Tensor, idx: Tensor) -> Tensor:
-    """Pick tokens by index along dim 1. x: (B, M, C), idx: (B, K) -> (B, K, C). Saves only `idx` for backward."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """Pick tokens by index along dim 1. x: (B, M, C), idx: (B, K) -> (B, K, C).
+
+    Advanced indexing saves only the indices for backward; `torch.gather` would also keep all of `x` alive.
+    """
+    return x[torch.arange(x.shape[0], device=x.device).unsqueeze(1), idx]
 
 
 def fuse_tokens(x: Tensor, weights: Tensor) -> Tensor:
@@ -87,8 +90,7 @@ def drop_tokens(x: Tensor, scores: Tensor, keep_rate: float, fuse: bool) -> tupl
     """
     k = kept_count(x.shape[1], keep_rate)
     keep_idx, drop_idx = select_tokens(scores.detach(), k)
-    tokens = x[:, 1:]
-    parts = [x[:, :1], gather_tokens(tokens, keep_idx)]
+    parts = [x[:, :1], gather_tokens(x, keep_idx + 1)]  # + 1: the indices skip CLS
     if fuse and drop_idx.shape[1] > 0:
-        parts.append(fuse_tokens(gather_tokens(tokens, drop_idx), torch.gather(scores, 1, drop_idx)))
+        parts.append(fuse_tokens(gather_tokens(x, drop_idx + 1), gather_tokens(scores.unsqueeze(-1), drop_idx)[..., 0]))
     return torch.cat(parts, dim=1), keep_idx

@@ -120,13 +120,17 @@ class BSRVisionTransformer(VisionTransformer):
         return self.norm(x)
 
 
-def _check_host(model: nn.Module, resolved: ResolvedBSR) -> None:
-    """Refuse models and host features the patch does not handle, naming the option."""
+def _check_host_type(model: nn.Module) -> None:
+    """Refuse anything but an unpatched timm VisionTransformer."""
     if hasattr(model, _STATE):
         raise BSRError("model is already reprogrammed; call bsr.restore(model) before reprogramming it again")
     if not isinstance(model, VisionTransformer):
         raise BSRError(f"bsr needs a timm VisionTransformer (ViT/DeiT/DeiT-III/DINOv2 family), got "
                        f"{type(model).__name__}; build the model with timm.create_model('vit_...')")
+
+
+def _check_host_features(model: VisionTransformer, resolved: ResolvedBSR) -> None:
+    """Refuse host features the patch does not handle, naming the option."""
     for i, blk in enumerate(model.blocks):
         if type(blk) is not Block:
             raise BSRError(f"block {i} is a {type(blk).__name__}; bsr supports timm's standard pre-norm Block only "
@@ -160,8 +164,9 @@ def reprogram(model: nn.Module, config: Optional[BSRConfig] = None) -> VisionTra
     `trainable_blocks="all"` the model keeps the host's exact forward. Undo with `restore(model)`.
     """
     config = config or BSRConfig()
-    resolved = config.resolve(len(getattr(model, "blocks", ())))
-    _check_host(model, resolved)
+    _check_host_type(model)
+    resolved = config.resolve(len(model.blocks))
+    _check_host_features(model, resolved)
 
     state = _PatchState(resolved=resolved, config=config, model_class=type(model), block_classes={},
                         requires_grad={name: p.requires_grad for name, p in model.named_parameters()})
