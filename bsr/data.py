@@ -325,7 +325,7 @@ def _load_fashion_mnist_cached(data_dir: str, split: str, download: bool) -> tup
             images_path = _find_idx(directory, f"{prefix}-images-idx3-ubyte")
             labels_path = _find_idx(directory, f"{prefix}-labels-idx1-ubyte")
             if images_path and labels_path:
-                pair = _check_idx_pair(read_idx(images_path), read_idx(labels_path), directory, info.num_classes)
+                pair = _check_images_labels(read_idx(images_path), read_idx(labels_path), directory, info.num_classes)
                 return _read_only(*pair)
         if not download or attempt:
             break
@@ -335,9 +335,9 @@ def _load_fashion_mnist_cached(data_dir: str, split: str, download: bool) -> tup
                    f"--data-dir DIR with the IDX files")
 
 
-def _check_idx_pair(images: np.ndarray, labels: np.ndarray, directory: Path,
+def _check_images_labels(images: np.ndarray, labels: np.ndarray, directory: Path,
                     num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Validate images `(N, H, W)` uint8 against labels `(N,)` in `[0, num_classes)`."""
+    """Validate images `(N, H, W)` uint8 against labels `(N,)` in `[0, num_classes)`; labels come back int64."""
     if images.ndim != 3 or images.dtype != np.uint8 or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
         raise BSRError(f"IDX files in {directory} do not match (images {images.shape} {images.dtype}, labels "
                        f"{labels.shape}): replace them with the original files")
@@ -492,7 +492,7 @@ def _load_embedded(split: str, data_dir: str | None, download: bool) -> tuple[np
         raise BSRError(f"embedded digits file {path} is unreadable ({type(err).__name__}): {fix}") from None
     suffix = "train" if split == "train" else "test"
     images, labels = arrays[f"x_{suffix}"], arrays[f"y_{suffix}"]
-    return _check_idx_pair(images, labels, path, 10)
+    return _check_images_labels(images, labels, path, 10)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
