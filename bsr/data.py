@@ -335,14 +335,14 @@ def _load_fashion_mnist_cached(data_dir: str, split: str, download: bool) -> tup
                    f"--data-dir DIR with the IDX files")
 
 
-def _check_images_labels(images: np.ndarray, labels: np.ndarray, directory: Path,
-                    num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def _check_images_labels(images: np.ndarray, labels: np.ndarray, where: Path,
+                         num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Validate images `(N, H, W)` uint8 against labels `(N,)` in `[0, num_classes)`; labels come back int64."""
     if images.ndim != 3 or images.dtype != np.uint8 or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise BSRError(f"IDX files in {directory} do not match (images {images.shape} {images.dtype}, labels "
+        raise BSRError(f"images and labels in {where} do not match (images {images.shape} {images.dtype}, labels "
                        f"{labels.shape}): replace them with the original files")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise BSRError(f"labels in {directory} fall outside 0..{num_classes - 1}: replace them with the original files")
+        raise BSRError(f"labels in {where} fall outside 0..{num_classes - 1}: replace them with the original files")
     return images, labels.astype(np.int64)
 
 
