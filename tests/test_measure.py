@@ -220,3 +220,34 @@ def test_param_grad_and_optimizer_bytes():
     opt.step()
     steps = sum(s["step"].numel() * s["step"].element_size() for s in opt.state.values())
     assert measure.optimizer_state_bytes(opt) == 2 * trainable * F32 + steps  # exp_avg, exp_avg_sq, step
+
+
+# ------------------------------------------------------------------------------------------ on a reprogrammed ViT
+
+def _micro_bsr() -> nn.Module:
+    import bsr
+    from bsr.patch import reprogram
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_micro_patch4_28", pretrained=False)  # 12 blocks, 50 tokens, width 96
+    return reprogram(model, bsr.BSRConfig())
+
+
+def test_reprogrammed_frozen_prefix_saves_nothing():
+    model, x = _micro_bsr(), torch.randn(2, 3, 28, 28)
+    saved = saved_tensor_bytes(lambda: model(x).sum(), model=model)
+    assert saved.total > 0
+    assert not any(k in saved.by_block for k in ("patch_embed", "blocks.0", "blocks.1", "blocks.2"))
+
+
+def test_reprogrammed_forward_macs_follow_the_token_table():
+    from bsr.ops import token_counts
+
+    model = _micro_bsr()
+    width, hidden = 96, 384
+    macs = 49 * 3 * 4 * 4 * width + width * 10  # patch embedding, head
+    for n_attn, n_mlp in token_counts(50, 12, [3, 6, 9], 0.5, True):
+        macs += n_attn * width * 4 * width + 2 * n_attn * n_attn * width  # qkv, proj, Q K^T, P V
+        macs += n_mlp * 2 * width * hidden  # fc1, fc2
+    # the CLS-row scores and the fused token add well under 1%
+    assert measure.fwd_gmacs_per_image(model) == pytest.approx(macs / 1e9, rel=0.01)
