@@ -1,0 +1,183 @@
+"""Checkpoints that survive a kill: one safetensors file, written atomically, never pickled.
+
+A checkpoint holds only what training changed: the trainable parameters (frozen ones come back from the base
+weights), the optimizer state tensors (flattened to `optim.<param index>.<key>`), the RNG states, and a JSON block of
+metadata (resolved config, step, epoch, best accuracy, optimizer param groups, scheduler state). Everything sits in one
+file so that it is replaced in a single `os.replace`: a reader sees the old checkpoint or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import BSRError
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+FORMAT = "bsr-checkpoint-1"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file in the same directory, fsync, then `os.replace`.
+
+    On any OSError (disk full, read-only dir...) the temp file is removed, the old `path` is left untouched, and a
+    one-line `BSRError` is raised.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)  # make the rename itself durable
+    except OSError as e:
+        raise BSRError(f"cannot write {path}: {e.strerror or e}; the previous file, if any, is intact") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not supported everywhere (e.g. Windows); the data itself is already synced
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """All RNG states as (uint8/int tensors, JSON-able values)."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(keys.astype(np.int64))
+    version, internal, gauss = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, list(internal), gauss]}
+    return tensors, meta
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Inverse of `rng_state` (CUDA states are restored for the devices present)."""
+    torch.set_rng_state(tensors["rng.torch"])
+    if torch.cuda.is_available():
+        states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if states:
+            torch.cuda.set_rng_state_all(states[: torch.cuda.device_count()])
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = meta["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+# ----------------------------------------------------------------------------------------------------- optimizer
+
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """`optimizer.state_dict()` -> (tensors keyed `optim.<idx>.<key>`, JSON: param_groups + non-tensor state)."""
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{key}"] = value
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """Inverse of `flatten_optimizer`."""
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# ------------------------------------------------------------------------------------------------- save and load
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that training changes (requires_grad), by their name in `model`."""
+    return {f"param.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> Path:
+    """Write `directory/checkpoint.safetensors` atomically; `meta` must be JSON-able (config, step, ...)."""
+    opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
+    rng_tensors, rng_meta = rng_state()
+    tensors = {**trainable_state(model), **opt_tensors, **rng_tensors}
+    # safetensors refuses shared or strided storage: give every tensor its own contiguous CPU copy.
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    header = {"format": FORMAT, **meta, "optimizer": opt_meta, "rng": rng_meta}
+    path = Path(directory) / CHECKPOINT_NAME
+    atomic_write_bytes(path, st_save(tensors, metadata={"bsr": json.dumps(header)}))
+    return path
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, metadata) of a checkpoint file or run directory; a one-line `BSRError` if missing or corrupt."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise BSRError(f"no checkpoint at {path}; pass a run directory written by `bsr train --out`")
+    try:
+        data = path.read_bytes()
+        tensors = st_load(data)
+        with safetensors.safe_open(path, framework="pt") as f:
+            header = json.loads((f.metadata() or {})["bsr"])
+        if header.get("format") != FORMAT:
+            raise KeyError("format")
+    except (safetensors.SafetensorError, KeyError, ValueError, json.JSONDecodeError, OSError) as e:
+        raise BSRError(f"checkpoint {path} is corrupt or not a bsr checkpoint ({type(e).__name__}); "
+                       f"re-run training or point to another run") from None
+    return tensors, header
+
+
+def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Copy the saved trainable parameters into `model` (built and reprogrammed the same way)."""
+    params = dict(model.named_parameters())
+    saved = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
+    unknown = [k for k in saved if k not in params]
+    if unknown:
+        raise BSRError(f"checkpoint {source} has parameter {unknown[0]!r} that the model lacks; "
+                       f"it was trained with another model or method")
+    with torch.no_grad():
+        for name, value in saved.items():
+            if params[name].shape != value.shape:
+                raise BSRError(f"checkpoint {source}: {name} has shape {tuple(value.shape)}, the model "
+                               f"{tuple(params[name].shape)}")
+            params[name].copy_(value)

@@ -1,0 +1,151 @@
+"""The fine-tuning methods compared in the BSR paper (Sarkar et al., arXiv 2405.10951, SPEC section 2), one harness.
+
+`apply_method` turns a timm `VisionTransformer` into one of: full, head, bitfit, last-k, lora (through `peft`),
+tokendrop (EViT-like: everything trained, BSR's token dropping) and bsr. Trainable parameters are selected by module
+structure (the blocks list, the final norm, the head, each module's own `bias`), never by matching parameter names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import BSRConfig
+from .errors import BSRError
+
+METHODS = ("bsr", "full", "head", "bitfit", "last-k", "lora", "tokendrop")
+
+
+def host(model: nn.Module) -> nn.Module:
+    """The timm ViT inside `model` (unwraps a peft model)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def final_modules(vit: nn.Module) -> list[nn.Module]:
+    """Final norm, pooled-feature norm and head: trained by every method."""
+    return [m for m in (getattr(vit, "norm", None), getattr(vit, "fc_norm", None), getattr(vit, "head", None))
+            if isinstance(m, nn.Module)]
+
+
+def _set_trainable(modules: list[nn.Module], flag: bool = True) -> None:
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(flag)
+
+
+def apply_method(model: nn.Module, method: str, *, bsr: BSRConfig | None = None, last_k: int = 3,
+                 lora_rank: int = 8, lora_alpha: int = 16) -> nn.Module:
+    """Make `model` train with `method`; returns the model to train (a peft wrapper for lora, else `model`).
+
+    `bsr` gives the BSR options (used by `bsr`, and its drop settings by `tokendrop`).
+    """
+    bsr = bsr if bsr is not None else BSRConfig()
+    if not hasattr(model, "blocks"):
+        raise BSRError(f"method={method!r} needs a timm VisionTransformer (with .blocks); got {type(model).__name__}")
+    if method == "full":
+        model.requires_grad_(True)
+        return model
+    if method == "head":
+        return _reprogram(model, BSRConfig(trainable_blocks="none", keep_rate=1.0))
+    if method == "last-k":
+        if not 1 <= last_k <= len(model.blocks):
+            raise BSRError(f"last_k={last_k} is out of range; the model has {len(model.blocks)} blocks")
+        return _reprogram(model, BSRConfig(trainable_blocks=f"last:{last_k}", keep_rate=1.0))
+    if method == "tokendrop":
+        return _reprogram(model, dataclasses.replace(bsr, trainable_blocks="all"))
+    if method == "bsr":
+        return _reprogram(model, bsr)
+    if method == "bitfit":
+        return _bitfit(model)
+    if method == "lora":
+        return _lora(model, lora_rank, lora_alpha)
+    raise BSRError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}")
+
+
+def _reprogram(model: nn.Module, config: BSRConfig) -> nn.Module:
+    from .patch import reprogram  # the BSR patch owns freezing, the no-grad prefix and token dropping
+    return reprogram(model, config)
+
+
+def _bitfit(model: nn.Module) -> nn.Module:
+    """BitFit (Ben Zaken et al. 2022): every module's own bias, plus the final norm and head."""
+    model.requires_grad_(False)
+    for module in model.modules():
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, nn.Parameter):
+            bias.requires_grad_(True)
+    _set_trainable(final_modules(model))
+    return model
+
+
+def lora_targets(model: nn.Module) -> list[str]:
+    """Qualified names of the qkv, proj, fc1 and fc2 Linear layers of every block, found by structure."""
+    wanted = set()
+    for block in model.blocks:
+        for parent, child in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
+            layer = getattr(parent, child, None)
+            if isinstance(layer, nn.Linear):
+                wanted.add(id(layer))
+    return [name for name, module in model.named_modules() if id(module) in wanted]
+
+
+def _lora(model: nn.Module, rank: int, alpha: int) -> nn.Module:
+    """LoRA (Hu et al. 2022) through `peft` on the blocks' Linear layers; final norm and head trained in full."""
+    from peft import LoraConfig, get_peft_model
+
+    if rank < 1:
+        raise BSRError(f"lora_rank={rank} must be at least 1")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(model))
+    wrapped = get_peft_model(model, config)
+    _set_trainable(final_modules(host(wrapped)))  # by hand: peft's modules_to_save would match names
+    return wrapped
+
+
+@dataclass
+class ParamCount:
+    """Trainable and total parameter counts of a model."""
+
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        return f"{self.trainable:,} / {self.total:,} ({100 * self.trainable / max(self.total, 1):.1f}%)"
+
+
+def count_params(model: nn.Module) -> ParamCount:
+    """Trainable (requires_grad) and total parameters, each storage counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return ParamCount(sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params))
+
+
+@torch.no_grad()
+def tokens_per_block(model: nn.Module, images: torch.Tensor) -> list[tuple[int, int]]:
+    """Measured (attention, MLP) sequence lengths of each block for `images` (B, 3, H, W)."""
+    vit = host(model)
+    seen: dict[int, list[int]] = {}
+    hooks = []
+    for i, block in enumerate(vit.blocks):
+        seen[i] = [0, 0]
+        hooks.append(block.register_forward_pre_hook(lambda m, a, i=i: seen[i].__setitem__(0, a[0].shape[1])))
+        hooks.append(block.mlp.register_forward_pre_hook(lambda m, a, i=i: seen[i].__setitem__(1, a[0].shape[1])))
+    try:
+        model(images)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [(a, m) for a, m in seen.values()]
+
+
+def format_tokens(counts: list[tuple[int, int]]) -> str:
+    """Compact token table, runs of equal blocks merged: `0-2: 50/50, 3: 50/26, ...` (attention/MLP)."""
+    parts, start = [], 0
+    for i in range(1, len(counts) + 1):
+        if i == len(counts) or counts[i] != counts[start]:
+            span = f"{start}" if i - 1 == start else f"{start}-{i - 1}"
+            parts.append(f"{span}: {counts[start][0]}/{counts[start][1]}")
+            start = i
+    return ", ".join(parts)

@@ -1,0 +1,776 @@
+"""Fine-tune a timm ViT with one of the methods of the BSR paper (Sarkar et al., arXiv 2405.10951).
+
+One `TrainConfig` (a dataclass, a help string per field) drives everything; it is layered defaults -> `--recipe` ->
+YAML `--config` -> command-line flags, and the resolved config is saved with every artifact. The loop in `train`
+reads top to bottom: schedule, forward, backward, clip, step, log, evaluate, checkpoint.
+
+Reproducibility: the data order of an epoch is a permutation seeded by (seed, epoch), and each training image's
+augmentation is seeded by (seed, epoch, index), so a run resumed mid-epoch from a checkpoint sees exactly the batches
+the uninterrupted run would have seen, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import types
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from .checkpoint import atomic_write_bytes, load_trainable, read_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import unflatten_optimizer
+from .config import BSRConfig
+from .errors import BSRError
+from .methods import METHODS, apply_method, count_params, format_tokens, host, tokens_per_block
+from .recipes import RECIPE_NAMES, recipe_values
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED_MODEL = "vit_micro_patch4_28"
+EMBEDDED_WEIGHTS = ASSETS / "vit_micro_fashion.safetensors"
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with a help string (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a `bsr train` run depends on. The defaults are the embedded default run."""
+
+    # model
+    model: str = _f(EMBEDDED_MODEL, "timm model name (any ViT/DeiT)")
+    img_size: Optional[int] = _f(None, "input size in pixels (default: the model's)")
+    patch_size: Optional[int] = _f(None, "patch size (default: the model's)")
+    num_classes: Optional[int] = _f(None, "classes of the head (default: the dataset's)")
+    pretrained: bool = _f(False, "load timm's pretrained weights (downloads them)")
+    checkpoint: str = _f("auto", 'base weights: .safetensors, .npz (timm loader) or .pth/.pt (weights only); "auto" '
+                                 "= the embedded Fashion-MNIST weights for vit_micro_patch4_28, else none; "
+                                 '"none" = random init')
+    # data
+    dataset: str = _f("digits-embedded", "dataset name (see bsr.data.DATASETS)")
+    data_dir: Optional[str] = _f(None, "folder holding the dataset (default: the dataset's own)")
+    download: bool = _f(False, "let torchvision download a missing dataset")
+    limit: Optional[int] = _f(None, "use only this many images of each split (class-stratified)")
+    rrc_scale: Optional[list[float]] = _f([0.5, 1.0], "RandomResizedCrop scale range for training (none: resize)")
+    hflip: bool = _f(False, "random horizontal flips in training")
+    mean: list[float] = _f([0.5, 0.5, 0.5], "per-channel normalisation mean")
+    std: list[float] = _f([0.5, 0.5, 0.5], "per-channel normalisation std")
+    # method
+    method: str = _f("bsr", f"fine-tuning method: {', '.join(METHODS)}")
+    bsr: BSRConfig = field(default_factory=BSRConfig, metadata={"help": "BSR options"})
+    last_k: int = _f(3, "blocks trained by --method last-k")
+    lora_rank: int = _f(8, "LoRA rank (--method lora)")
+    lora_alpha: int = _f(16, "LoRA alpha (--method lora)")
+    # optimisation
+    recipe: Optional[str] = _f(None, f"paper recipe whose values replace the defaults: {', '.join(RECIPE_NAMES)}")
+    optimizer: str = _f("adamw", "sgd or adamw")
+    lr: float = _f(2e-3, "peak learning rate")
+    min_lr: float = _f(1e-5, "learning rate at the end of the cosine schedule")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(0.05, "weight decay (none on 1-D params, pos_embed, cls_token)")
+    layer_decay: Optional[float] = _f(None, "layer-wise lr decay factor, e.g. 0.75 (none: off)")
+    warmup_steps: int = _f(0, "linear warm-up steps (added to --warmup-epochs)")
+    warmup_epochs: float = _f(0.5, "linear warm-up epochs")
+    schedule: str = _f("cosine", "cosine (to --min-lr) or constant, after warm-up")
+    epochs: int = _f(4, "training epochs (ignored if --steps is set)")
+    steps: Optional[int] = _f(None, "training steps (overrides --epochs)")
+    batch_size: int = _f(64, "training batch size")
+    clip_grad: Optional[float] = _f(1.0, "clip the gradient norm to this (none: off)")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
+    amp: str = _f("off", "mixed precision: off, bf16 or fp16")
+    grad_checkpointing: bool = _f(False, "recompute activations in backward (timm's gradient checkpointing)")
+    # run
+    seed: int = _f(0, "seed of initialisation, data order and augmentation")
+    eval_every: int = _f(0, "evaluate and checkpoint every N steps (0: every epoch)")
+    log_every: int = _f(10, "write a metrics line every N steps")
+    workers: int = _f(0, "data loader worker processes")
+    out: Optional[str] = _f(None, "run directory (default: runs/<method>-<dataset>-<time>)")
+    device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bsr, dict):
+            self.bsr = make_bsr(self.bsr)
+        hints = get_type_hints(TrainConfig)
+        for f in fields(self):
+            if f.name != "bsr":
+                setattr(self, f.name, check_type(f.name, getattr(self, f.name), hints[f.name]))
+        self._check_values()
+
+    def _check_values(self) -> None:
+        choices = {"method": METHODS, "optimizer": ("sgd", "adamw"), "amp": ("off", "bf16", "fp16"),
+                   "schedule": ("cosine", "constant")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise BSRError(f"{name}={getattr(self, name)!r} is not valid; use one of {', '.join(allowed)}")
+        if self.recipe is not None and self.recipe not in RECIPE_NAMES:
+            raise BSRError(f"recipe={self.recipe!r} is unknown; use one of {', '.join(RECIPE_NAMES)}")
+        positive = ("batch_size", "epochs", "log_every", "lora_rank", "last_k")
+        optional_positive = ("img_size", "patch_size", "num_classes", "limit", "steps", "clip_grad", "layer_decay")
+        for name in positive + optional_positive:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise BSRError(f"{name}={value} must be positive")
+        for name in ("lr", "min_lr", "weight_decay", "warmup_steps", "warmup_epochs", "eval_every", "workers",
+                     "label_smoothing", "momentum"):
+            if getattr(self, name) < 0:
+                raise BSRError(f"{name}={getattr(self, name)} must not be negative")
+        if self.rrc_scale is not None and (len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1]
+                                           <= 1):
+            raise BSRError(f"rrc_scale={self.rrc_scale} must be two numbers 0 < low <= high <= 1, e.g. 0.5,1")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != 3:
+                raise BSRError(f"{name}={getattr(self, name)} must have 3 values (R,G,B)")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bsr": self.bsr.to_dict()}
+
+
+# ------------------------------------------------------------------------------------------------- config layering
+
+
+def type_name(tp: Any) -> str:
+    """Human name of a type hint: `int`, `float or none`, `list of float`."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join("none" if a is type(None) else type_name(a) for a in args)
+    if origin is list:
+        return f"list of {type_name(args[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def check_type(key: str, value: Any, tp: Any) -> Any:
+    """`value` converted to type hint `tp` (int -> float, tuple -> list), or a `BSRError` naming `key`."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return check_type(key, value, arg)
+            except BSRError:
+                pass
+    elif origin is list and isinstance(value, (list, tuple)):
+        return [check_type(key, v, args[0]) for v in value]
+    elif tp is bool and isinstance(value, bool):
+        return value
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp is str and isinstance(value, str):
+        return value
+    raise BSRError(f"{key}={value!r} has the wrong type; expected {type_name(tp)}")
+
+
+def make_bsr(values: dict) -> BSRConfig:
+    """`BSRConfig` from a dict, refusing unknown keys."""
+    if not isinstance(values, dict):
+        raise BSRError(f"bsr={values!r} must be a mapping of BSR options")
+    known = {f.name for f in fields(BSRConfig)}
+    for key in values:
+        if key not in known:
+            raise BSRError(f"unknown config key 'bsr.{key}'; BSR options are: {', '.join(sorted(known))}")
+    return BSRConfig(**values)
+
+
+def make_config(values: dict) -> TrainConfig:
+    """`TrainConfig` from a (possibly nested) dict, refusing unknown keys and wrong types."""
+    known = {f.name for f in fields(TrainConfig)}
+    for key in values:
+        if key not in known:
+            hint = " (BSR options go under 'bsr:')" if key in {f.name for f in fields(BSRConfig)} else ""
+            raise BSRError(f"unknown config key {key!r}{hint}")
+    return TrainConfig(**values)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML mapping from `path`, with one-line errors."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise BSRError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise BSRError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BSRError(f"config file {path} must hold a mapping of options, not {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, layer: dict) -> dict:
+    merged = dict(base)
+    for key, value in layer.items():
+        if key == "bsr" and isinstance(value, dict) and isinstance(merged.get("bsr"), dict):
+            merged["bsr"] = {**merged["bsr"], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_config(flags: Optional[dict] = None, config_file: Optional[str | Path] = None) -> TrainConfig:
+    """Layer dataclass defaults -> recipe -> YAML file -> flags (`flags` holds only options the user gave)."""
+    flags = flags or {}
+    file_values = load_yaml(config_file) if config_file else {}
+    recipe = flags.get("recipe", file_values.get("recipe"))
+    dataset = flags.get("dataset", file_values.get("dataset", TrainConfig.dataset))
+    values: dict = {}
+    if recipe is not None:
+        if not isinstance(recipe, str):
+            raise BSRError(f"recipe={recipe!r} has the wrong type; expected str")
+        values = _merge(values, recipe_values(recipe, dataset))
+    for layer in (file_values, flags):
+        values = _merge(values, layer)
+    return make_config(values)
+
+
+# ------------------------------------------------------------------------------------------------- learning rate
+
+
+def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0,
+          schedule: str = "cosine") -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine from `lr` to `min_lr`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------- model
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The timm model of `cfg` with its base weights (pretrained, local checkpoint, embedded or none)."""
+    import timm
+
+    from . import models  # noqa: F401  (registers vit_micro_patch4_28)
+
+    kwargs = {k: v for k, v in (("img_size", cfg.img_size), ("patch_size", cfg.patch_size)) if v is not None}
+    if cfg.model not in timm.list_models(cfg.model, pretrained=False) and not timm.is_model(cfg.model):
+        close = timm.list_models(f"*{cfg.model.split('_')[0]}*")[:5]
+        raise BSRError(f"unknown model {cfg.model!r}; try one of {', '.join(close) or 'timm.list_models()'}")
+    try:
+        model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
+    except (RuntimeError, ValueError, TypeError, AssertionError, OSError) as e:
+        raise BSRError(f"cannot build model {cfg.model!r} with {kwargs or 'its defaults'}: "
+                       f"{' '.join(str(e).split())[:200]}") from None
+    weights = base_weights_path(cfg)
+    if weights is not None:
+        load_base_weights(model, weights)
+    return model
+
+
+def base_weights_path(cfg: TrainConfig) -> Optional[Path]:
+    """The local weights file `cfg.checkpoint` points at ("auto": embedded weights for the embedded model)."""
+    if cfg.checkpoint == "none":
+        return None
+    if cfg.checkpoint == "auto":
+        if cfg.model == EMBEDDED_MODEL and not cfg.pretrained:
+            if not EMBEDDED_WEIGHTS.is_file():
+                raise BSRError(f"embedded weights {EMBEDDED_WEIGHTS} are missing; rebuild them "
+                               f"(bsr/assets/README.md) or pass --checkpoint none")
+            return EMBEDDED_WEIGHTS
+        return None
+    path = Path(cfg.checkpoint).expanduser()
+    if not path.is_file():
+        raise BSRError(f"checkpoint={cfg.checkpoint!r}: no such file")
+    return path
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or .pth/.pt (weights only, never arbitrary pickles)."""
+    from safetensors.torch import load_file
+
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        if path.suffix in (".pth", ".pt", ".bin"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            for key in ("model", "state_dict", "model_ema"):
+                if isinstance(state, dict) and isinstance(state.get(key), dict):
+                    state = state[key]
+            return state
+    except Exception as e:  # any parse failure of a user file is a user error: report it in one line
+        raise BSRError(f"cannot read weights {path}: {type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
+    raise BSRError(f"weights {path} have an unknown format; use .safetensors, .npz, .pth or .pt")
+
+
+def load_base_weights(model: nn.Module, path: Path) -> None:
+    """Load `path` into `model`: timm adapts pos_embed/patch size, a head of another size is left at init."""
+    if path.suffix == ".npz":
+        try:
+            model.load_pretrained(str(path))  # timm's own loader for the big_vision/JAX checkpoints
+        except Exception as e:
+            raise BSRError(f"cannot load npz weights {path}: {type(e).__name__}: {str(e)[:160]}") from None
+        return
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = read_weights(path)
+    try:
+        state = checkpoint_filter_fn(state, model)
+    except Exception as e:
+        raise BSRError(f"weights {path} do not fit {type(model).__name__}: {type(e).__name__}: {str(e)[:160]}") from None
+    own = model.state_dict()
+    # A head trained for another number of classes is dropped: fine-tuning starts with a fresh head.
+    state = {k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape and k.startswith("head."))}
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not k.startswith("head.")]
+    if mismatched or missing:
+        key = (mismatched or missing)[0]
+        raise BSRError(f"weights {path} do not fit model: {'shape of' if mismatched else 'missing'} {key!r}; "
+                       f"check --model, --img-size and --patch-size")
+    model.load_state_dict(state, strict=False)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+class EpochBatches(Sampler):
+    """Batches of one epoch: a permutation seeded by (seed, epoch), drop_last, starting at batch `skip`.
+
+    Yields lists of `(epoch, index)` keys for `SeededItems`.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip: int = 0) -> None:
+        self.n, self.batch_size, self.seed, self.epoch, self.skip = n, batch_size, seed, epoch, skip
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size - self.skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        for b in range(self.skip, self.n // self.batch_size):
+            yield [(self.epoch, i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+
+
+class SeededItems(Dataset):
+    """Training items whose random augmentation is a pure function of (seed, epoch, index)."""
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        # torchvision's random transforms draw from torch's default CPU generator.
+        torch.default_generator.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + index)
+        return self.base[index]
+
+
+def build_data(cfg: TrainConfig, img_size: int, train: bool = True) -> tuple[Optional[Dataset], Dataset]:
+    """(train set or None, test set) of `cfg.dataset` at `img_size`."""
+    from .data import build_dataset
+
+    common = dict(img_size=img_size, data_dir=cfg.data_dir, download=cfg.download, mean=tuple(cfg.mean),
+                  std=tuple(cfg.std), limit=cfg.limit, seed=cfg.seed)
+    train_set = None
+    if train:
+        scale = tuple(cfg.rrc_scale) if cfg.rrc_scale else None
+        train_set = build_dataset(cfg.dataset, "train", train=True, rrc_scale=scale, hflip=cfg.hflip, **common)
+    test_set = build_dataset(cfg.dataset, "test", train=False, **common)
+    return train_set, test_set
+
+
+def train_loader(items: SeededItems, cfg: TrainConfig, epoch: int, skip: int, device: torch.device) -> DataLoader:
+    sampler = EpochBatches(len(items), cfg.batch_size, cfg.seed, epoch, skip)
+    return DataLoader(items, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+
+
+def test_loader(test_set: Dataset, cfg: TrainConfig, device: torch.device) -> DataLoader:
+    return DataLoader(test_set, batch_size=max(cfg.batch_size, 256), shuffle=False, num_workers=cfg.workers,
+                      pin_memory=device.type == "cuda")
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BSRError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BSRError(f"device={name!r} but CUDA is not available; use --device cpu")
+    return device
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD or AdamW over the trainable parameters; no decay on 1-D params/pos_embed/cls_token; layer-wise lr scales."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    vit = host(model)  # timm's helpers read the ViT's own names and group_matcher, not peft's prefixes
+    skip = set(vit.no_weight_decay()) if hasattr(vit, "no_weight_decay") else set()
+    if cfg.layer_decay is not None:
+        groups = param_groups_layer_decay(vit, cfg.weight_decay, skip, layer_decay=cfg.layer_decay)
+    else:
+        groups = param_groups_weight_decay(vit, cfg.weight_decay, skip)
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise BSRError(f"method={cfg.method!r} leaves nothing to train")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, cfg: TrainConfig) -> float:
+    """Top-1 accuracy (%) of `model` over `loader`."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(cfg, device):
+            logits = model(images)
+        correct += (logits.argmax(-1) == labels).sum().item()
+        total += labels.numel()
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocator peak on GPU, else the process's peak RSS (Linux VmHWM)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS)
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def environment(device: torch.device) -> dict:
+    import timm
+
+    from . import __version__
+
+    env = {"versions": {"bsr": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                        "timm": timm.__version__},
+           "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                       "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}}
+    if device.type == "cuda":
+        env["machine"]["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+class RunFiles:
+    """The run directory: config.yaml, metrics.jsonl, report.json and the checkpoint."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.metrics = out / "metrics.jsonl"
+
+    def prepare(self, cfg: TrainConfig, resuming: bool) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise BSRError(f"out={str(self.out)!r} exists and is not a directory")
+        if not resuming and (self.out / "checkpoint.safetensors").exists():
+            raise BSRError(f"out={str(self.out)!r} already holds a run; continue it with --resume {self.out} "
+                           f"or pick another --out")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BSRError(f"cannot create out dir {self.out}: {e.strerror or e}") from None
+        atomic_write_bytes(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metric lines a killed run wrote after its last checkpoint (they will be written again)."""
+        if not self.metrics.exists():
+            return
+        lines = [ln for ln in self.metrics.read_text().splitlines() if ln.strip()]
+        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+        atomic_write_bytes(self.metrics, "".join(ln + "\n" for ln in keep).encode())
+
+    def log(self, record: dict) -> None:
+        try:
+            with self.metrics.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise BSRError(f"cannot write {self.metrics}: {e.strerror or e}") from None
+
+    def report(self, report: dict) -> None:
+        atomic_write_bytes(self.out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+
+
+def default_out(cfg: TrainConfig) -> str:
+    return str(Path("runs") / f"{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+# ------------------------------------------------------------------------------------------------- training
+
+
+def setup_model(cfg: TrainConfig, device: torch.device, num_classes: int) -> nn.Module:
+    """Build, load base weights, apply the method; seeded so new parameters (head, LoRA) are reproducible."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, num_classes)
+    model = apply_method(model, cfg.method, bsr=cfg.bsr, last_k=cfg.last_k, lora_rank=cfg.lora_rank,
+                         lora_alpha=cfg.lora_alpha)
+    if cfg.grad_checkpointing:
+        host(model).set_grad_checkpointing(True)
+    return model.to(device)
+
+
+def image_size(model: nn.Module) -> int:
+    return int(host(model).patch_embed.img_size[0])
+
+
+def train(cfg: TrainConfig, resume: Optional[str | Path] = None, progress: bool = True) -> dict:
+    """Run training as `cfg` says (continuing the checkpoint in `resume` if given); returns the report."""
+    from .data import dataset_info
+
+    device = pick_device(cfg.device)
+    if cfg.out is None:
+        cfg.out = default_out(cfg)
+    files = RunFiles(Path(cfg.out))
+    saved = read_checkpoint(resume) if resume is not None else None
+    files.prepare(cfg, resuming=saved is not None)
+
+    num_classes = cfg.num_classes or dataset_info(cfg.dataset).num_classes
+    model = setup_model(cfg, device, num_classes)
+    train_set, test_set = build_data(cfg, image_size(model))
+    items = SeededItems(train_set, cfg.seed)
+    steps_per_epoch = len(items) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise BSRError(f"the training set has {len(items)} images, fewer than batch_size={cfg.batch_size}")
+    total_steps = cfg.steps or cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_steps + round(cfg.warmup_epochs * steps_per_epoch)
+    eval_every = cfg.eval_every or steps_per_epoch
+    optimizer = build_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    params = count_params(model)
+    tests = test_loader(test_set, cfg, device)
+
+    step, best, history = 0, 0.0, {"acc": None, "best_step": 0}
+    if saved is not None:
+        step, best, history = restore_state(saved, model, optimizer, scaler, resume)
+        files.truncate_metrics(step)
+    tokens = tokens_per_block(model, next(iter(tests))[0][:2].to(device))
+
+    model.train()
+    step_times: list[float] = []
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, dynamic_ncols=True, desc=cfg.method)
+    batches = iterate_batches(items, cfg, device, step, steps_per_epoch)
+    ckpt_path = None
+    while step < total_steps:
+        images, labels = next(batches)
+        t0 = time.perf_counter()
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+
+        # schedule: lr is a pure function of the step; timm's layer-decay groups carry their own scale
+        lr = lr_at(step, lr=cfg.lr, total_steps=total_steps, warmup_steps=warmup, min_lr=cfg.min_lr,
+                   schedule=cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+        # forward
+        with autocast(cfg, device):
+            logits = model(images)
+            loss = criterion(logits.float(), labels)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            bar.close()
+            kept = f"last good checkpoint: {ckpt_path}" if ckpt_path else "no checkpoint was written yet"
+            raise BSRError(f"loss is {loss_value} at step {step}; stopped ({kept}); lower --lr or set --clip-grad")
+
+        # backward
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+
+        # clip (unscale first so the norm is in real units)
+        if cfg.clip_grad is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
+
+        # step
+        scaler.step(optimizer)
+        scaler.update()
+        step += 1
+        step_times.append(time.perf_counter() - t0)
+
+        # log
+        acc = (logits.argmax(-1) == labels).float().mean().item() * 100
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.1f}", ips=f"{len(labels) / step_times[-1]:.0f}",
+                        refresh=False)
+        if step % cfg.log_every == 0:
+            files.log({"step": step, "epoch": (step - 1) // steps_per_epoch, "lr": lr, "loss": loss_value,
+                       "train_acc": acc, "step_time": step_times[-1]})
+
+        # evaluate and checkpoint
+        if step % eval_every == 0 or step == total_steps:
+            test_acc = evaluate(model, tests, device, cfg)
+            if test_acc > best:
+                best, history["best_step"] = test_acc, step
+            history["acc"] = test_acc
+            files.log({"step": step, "epoch": (step - 1) // steps_per_epoch, "test_acc": test_acc, "best_acc": best})
+            bar.write(f"step {step}/{total_steps}: test top-1 {test_acc:.2f}% (best {best:.2f}%)")
+            ckpt_path = save_checkpoint(files.out, model, optimizer, {
+                "config": cfg.to_dict(), "step": step, "epoch": step / steps_per_epoch, "best_acc": best,
+                "history": history, "scheduler": {"total_steps": total_steps, "warmup_steps": warmup},
+                "scaler": {k: float(v) if torch.is_tensor(v) else v for k, v in scaler.state_dict().items()}})
+    bar.close()
+
+    report = {
+        "accuracy": {"final": history["acc"], "best": best, "best_step": history["best_step"]},
+        "dataset": {"name": cfg.dataset, "train_images": len(items), "test_images": len(test_set)},
+        "method": cfg.method, "model": cfg.model, "steps": total_steps,
+        "params": {"trainable": params.trainable, "total": params.total},
+        "tokens_per_block": [{"attn": a, "mlp": m} for a, m in tokens],
+        "median_step_time_s": statistics.median(step_times) if step_times else None,
+        "images_per_s": cfg.batch_size / statistics.median(step_times) if step_times else None,
+        "peak_memory_mib": peak_memory_mib(device),
+        "config": cfg.to_dict(), **environment(device),
+    }
+    files.report(report)
+    return report
+
+
+def iterate_batches(items: SeededItems, cfg: TrainConfig, device: torch.device, start: int, steps_per_epoch: int):
+    """Endless (images, labels) batches from global step `start` on; epochs restart the seeded order."""
+    epoch, skip = divmod(start, steps_per_epoch)
+    while True:
+        yield from train_loader(items, cfg, epoch, skip, device)
+        epoch, skip = epoch + 1, 0
+
+
+def restore_state(saved: tuple[dict, dict], model: nn.Module, optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler, source: Any) -> tuple[int, float, dict]:
+    """Load a checkpoint's parameters, optimizer, scaler and RNG states; returns (step, best acc, history)."""
+    tensors, meta = saved
+    load_trainable(model, tensors, source)
+    device = next(model.parameters()).device
+    try:
+        optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
+    except (ValueError, KeyError) as e:
+        raise BSRError(f"checkpoint {source}: optimizer state does not fit ({e}); was the config changed?") from None
+    for state in optimizer.state.values():  # optimizer tensors were saved on CPU
+        for key, value in state.items():
+            if torch.is_tensor(value) and key != "step":
+                state[key] = value.to(device)
+    if meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    set_rng_state(tensors, meta["rng"])
+    return int(meta["step"]), float(meta["best_acc"]), meta["history"]
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The short summary printed at the end of `bsr train`."""
+    acc, p = report["accuracy"], report["params"]
+    tokens = [(t["attn"], t["mlp"]) for t in report["tokens_per_block"]]
+    return [
+        f"method {report['method']} on {report['dataset']['name']} ({report['model']}, {report['steps']} steps)",
+        f"  test top-1     final {acc['final']:.2f}%  best {acc['best']:.2f}% (step {acc['best_step']})",
+        f"  trainable      {p['trainable']:,} / {p['total']:,} params ({100 * p['trainable'] / p['total']:.1f}%)",
+        f"  tokens/block   {format_tokens(tokens)}  (attention/MLP)",
+        f"  step time      {1000 * report['median_step_time_s']:.1f} ms median ({report['images_per_s']:.0f} img/s)",
+        f"  peak memory    {report['peak_memory_mib']:.0f} MiB",
+        f"  run dir        {report['config']['out']}",
+    ]
+
+
+# ------------------------------------------------------------------------------------------------- runs
+
+
+def config_of_run(run: str | Path) -> tuple[TrainConfig, tuple[dict, dict]]:
+    """The resolved config and the checkpoint (tensors, metadata) of a run directory."""
+    saved = read_checkpoint(run)
+    try:
+        cfg = make_config(saved[1]["config"])
+    except (KeyError, TypeError) as e:
+        raise BSRError(f"checkpoint {run} holds no valid config ({e})") from None
+    return cfg, saved
+
+
+def load_run(run: str | Path, device: torch.device, **overrides) -> tuple[TrainConfig, nn.Module]:
+    """Rebuild the trained model of a run: base weights + method + the checkpoint's trained parameters."""
+    from .data import dataset_info
+
+    cfg, (tensors, _) = config_of_run(run)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    num_classes = cfg.num_classes or dataset_info(saved_dataset(cfg)).num_classes
+    model = setup_model(cfg, device, num_classes)
+    load_trainable(model, tensors, run)
+    model.eval()
+    return cfg, model
+
+
+def saved_dataset(cfg: TrainConfig) -> str:
+    return cfg.dataset
+
+
+def evaluate_run(run: str | Path, dataset: Optional[str] = None, data_dir: Optional[str] = None,
+                 limit: Optional[int] = None, device: str = "auto", batch_size: Optional[int] = None) -> dict:
+    """Top-1 of a run's checkpoint on `dataset` (default: the one it was trained on)."""
+    dev = pick_device(device)
+    cfg, model = load_run(run, dev)
+    num_classes = host(model).num_classes
+    overrides = {"dataset": dataset, "data_dir": data_dir, "limit": limit, "batch_size": batch_size}
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    from .data import dataset_info
+
+    if dataset_info(cfg.dataset).num_classes != num_classes:
+        raise BSRError(f"dataset {cfg.dataset!r} has {dataset_info(cfg.dataset).num_classes} classes but the "
+                       f"model's head has {num_classes}")
+    _, test_set = build_data(cfg, image_size(model), train=False)
+    acc = evaluate(model, test_loader(test_set, cfg, dev), dev, cfg)
+    return {"top1": acc, "dataset": cfg.dataset, "images": len(test_set), "method": cfg.method}
+
+
+def export_weights(run: str | Path, out: str | Path, dtype: str = "fp32") -> dict:
+    """Write a run's trained model as a plain timm state dict (patch undone, LoRA merged) to `out` (.safetensors)."""
+    from safetensors.torch import save as st_save
+
+    from .patch import bsr_state, restore
+
+    _, model = load_run(run, torch.device("cpu"))
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if bsr_state(model) is not None:
+        model = restore(model)
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise BSRError(f"dtype={dtype!r} is not valid; use fp32, fp16 or bf16")
+    state = {k: v.detach().to(torch_dtype).contiguous() for k, v in model.state_dict().items()}
+    out = Path(out)
+    atomic_write_bytes(out, st_save(state, metadata={"source_run": str(run), "dtype": dtype}))
+    return {"path": str(out), "tensors": len(state), "bytes": out.stat().st_size}
