@@ -14,6 +14,13 @@ from .errors import BSRError
 
 BlockSpec = Union[str, Sequence[int]]
 
+FROZEN_DTYPES = ("float32", "bfloat16", "float16")
+RECOMPUTE = ("none", "first", "all")
+PRESETS: dict[str, dict] = {
+    "paper": {},
+    "lean": {"frozen_dtype": "bfloat16", "recompute": "all", "score_grad": False},
+}
+
 _SPEC_HELP = 'comma-separated indices ("3,7,11"), "last:K", "first:K", "all" or "none"'
 
 
@@ -80,6 +87,15 @@ class BSRConfig:
         default=True,
         metadata={"help": "let gradients flow through the CLS scores into the fused token (off: scores are "
                           "constants, saving a little memory)"})
+    frozen_dtype: str = field(
+        default="float32",
+        metadata={"help": "storage dtype of the frozen blocks' Linear weights (float32, bfloat16, float16); they "
+                          "are cast to the activation dtype on the fly and nothing extra is saved for backward"})
+    recompute: str = field(
+        default="none",
+        metadata={"help": "recompute activations in backward instead of keeping them: none; first (the first "
+                          "trainable block, the only one that sees every token); all (every block from the first "
+                          "trainable one on)"})
 
     def __post_init__(self) -> None:
         _check_spec_syntax(self.trainable_blocks, "trainable_blocks")
@@ -92,13 +108,25 @@ class BSRConfig:
         for name in ("fuse_token", "drop_in_eval", "score_grad"):
             if not isinstance(getattr(self, name), bool):
                 raise BSRError(f"{name}={getattr(self, name)!r} is not true/false; use true or false")
+        for name, choices in (("frozen_dtype", FROZEN_DTYPES), ("recompute", RECOMPUTE)):
+            if getattr(self, name) not in choices:
+                raise BSRError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}; pick one of them")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "BSRConfig":
+        """A named configuration: `paper` (the defaults) or `lean` (bf16 frozen weights, recomputation of the
+        trained region, scores without autograd), with `overrides` applied on top."""
+        if name not in PRESETS:
+            raise BSRError(f"unknown BSR preset {name!r}; use one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
 
     def resolve(self, depth: int) -> "ResolvedBSR":
         """Explicit per-block lists for a model with `depth` blocks."""
         trainable = parse_blocks(self.trainable_blocks, depth, "trainable_blocks")
         drop = parse_blocks(self.drop_blocks, depth, "drop_blocks") if self.keep_rate < 1.0 else []
         return ResolvedBSR(depth=depth, trainable_blocks=trainable, drop_blocks=drop, keep_rate=self.keep_rate,
-                           fuse_token=self.fuse_token, drop_in_eval=self.drop_in_eval, score_grad=self.score_grad)
+                           fuse_token=self.fuse_token, drop_in_eval=self.drop_in_eval, score_grad=self.score_grad,
+                           frozen_dtype=self.frozen_dtype, recompute=self.recompute)
 
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), (list, tuple)) else v)
@@ -116,6 +144,8 @@ class ResolvedBSR:
     fuse_token: bool
     drop_in_eval: bool
     score_grad: bool
+    frozen_dtype: str = "float32"
+    recompute: str = "none"
 
     @property
     def first_trainable(self) -> int:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models._manipulate import checkpoint_seq
+from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -36,6 +37,7 @@ class _PatchState:
     model_class: type
     block_classes: dict[int, type]
     requires_grad: dict[str, bool]
+    linear_dtypes: dict[str, torch.dtype]  # frozen Linears whose weight now lives in `frozen_dtype`
 
 
 def _refuse_masks(attn_mask: Optional[Tensor], is_causal: bool) -> None:
@@ -97,26 +99,63 @@ class BSRBlock(Block):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
+class _FrozenLinearFn(torch.autograd.Function):
+    """y = x W^T + b with a frozen, low-precision W cast to x's dtype on the fly.
+
+    Saves only W itself (a parameter, already resident) for the input gradient: a plain `F.linear(x, W.float())`
+    would keep the fp32 copy of W alive until backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad_out @ weight.to(grad_out.dtype), None, None
+
+
+class FrozenLowPrecisionLinear(nn.Linear):
+    """A frozen timm/torch `nn.Linear` whose weight is stored in bfloat16/float16 and computed at the input's dtype.
+
+    Changes against the host: the weight's storage dtype; no gradient for weight or bias (they must be frozen).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return _FrozenLinearFn.apply(x, self.weight, self.bias)
+
+
 class BSRVisionTransformer(VisionTransformer):
-    """A timm `VisionTransformer` whose frozen prefix runs without autograd.
+    """A timm `VisionTransformer` whose frozen prefix runs without autograd, optionally recomputing the rest.
 
     Changes against the host `forward_features`: the patch embedding and the blocks before the first trainable block
-    run under `torch.no_grad()` (they are frozen and nothing upstream needs a gradient), the rest as in timm, with
-    `checkpoint_seq` when gradient checkpointing is on. Attention masks are refused.
+    run under `torch.no_grad()` while none of their parameters needs a gradient; the remaining blocks run as in timm
+    (`checkpoint_seq` when timm's gradient checkpointing is on), or each under `torch.utils.checkpoint` per the
+    `recompute` option. Attention masks are refused.
     """
 
     def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         _refuse_masks(attn_mask, is_causal)
-        first = getattr(self, _STATE).resolved.first_trainable
-        with torch.no_grad():  # frozen prefix: keep no activations
+        resolved = getattr(self, _STATE).resolved
+        first = resolved.first_trainable
+        prefix = [self.patch_embed, self.norm_pre, *self.blocks[:first]]
+        prefix_frozen = not any(p.requires_grad for m in prefix for p in m.parameters()) and not any(
+            p is not None and p.requires_grad for p in (self.cls_token, self.pos_embed, self.reg_token))
+        with torch.no_grad() if prefix_frozen else contextlib.nullcontext():  # frozen prefix: keep no activations
             x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
             for blk in self.blocks[:first]:
                 x = blk(x)
         rest = self.blocks[first:]
+        recompute = {"none": 0, "first": 1, "all": len(rest)}[resolved.recompute]
         if self.grad_checkpointing and not torch.jit.is_scripting() and len(rest) > 0:
             x = checkpoint_seq(rest, x)
         else:
-            x = rest(x)
+            for i, blk in enumerate(rest):
+                x = checkpoint(blk, x, use_reentrant=False) if i < recompute and torch.is_grad_enabled() else blk(x)
         return self.norm(x)
 
 
@@ -169,7 +208,8 @@ def reprogram(model: nn.Module, config: Optional[BSRConfig] = None) -> VisionTra
     _check_host_features(model, resolved)
 
     state = _PatchState(resolved=resolved, config=config, model_class=type(model), block_classes={},
-                        requires_grad={name: p.requires_grad for name, p in model.named_parameters()})
+                        requires_grad={name: p.requires_grad for name, p in model.named_parameters()},
+                        linear_dtypes={})
     # Freeze by structure: everything off, then the trainable modules on.
     for p in model.parameters():
         p.requires_grad_(False)
@@ -183,14 +223,31 @@ def reprogram(model: nn.Module, config: Optional[BSRConfig] = None) -> VisionTra
         blk.__class__ = BSRBlock
         blk._bsr_keep_rate, blk._bsr_fuse = resolved.keep_rate, resolved.fuse_token
         blk._bsr_drop_in_eval, blk._bsr_score_grad = resolved.drop_in_eval, resolved.score_grad
-    if resolved.first_trainable > 0:
+    if resolved.frozen_dtype != "float32":
+        _store_frozen_linears(model, resolved, state)
+    if resolved.first_trainable > 0 or resolved.recompute != "none":
         model.__class__ = BSRVisionTransformer
     setattr(model, _STATE, state)
     return model
 
 
+def _store_frozen_linears(model: VisionTransformer, resolved: ResolvedBSR, state: _PatchState) -> None:
+    """Move the weights of the frozen blocks' Linears to `frozen_dtype` and compute them on the fly."""
+    dtype = getattr(torch, resolved.frozen_dtype)
+    trainable = set(resolved.trainable_blocks)
+    for i, blk in enumerate(model.blocks):
+        if i in trainable:
+            continue
+        for name, module in blk.named_modules():
+            if type(module) is nn.Linear:
+                state.linear_dtypes[f"blocks.{i}.{name}"] = module.weight.dtype
+                module.weight.data = module.weight.data.to(dtype)
+                module.__class__ = FrozenLowPrecisionLinear
+
+
 def restore(model: nn.Module) -> nn.Module:
-    """Undo `reprogram`: original classes and `requires_grad` flags. Parameters (trained or not) are kept."""
+    """Undo `reprogram`: original classes, `requires_grad` flags and weight dtypes. Parameters (trained or not) are
+    kept; weights stored in a lower `frozen_dtype` come back rounded to it."""
     state: Optional[_PatchState] = getattr(model, _STATE, None)
     if state is None:
         raise BSRError("model is not reprogrammed by bsr; nothing to restore")
@@ -199,6 +256,10 @@ def restore(model: nn.Module) -> nn.Module:
         blk.__class__ = cls
         for name in ("_bsr_keep_rate", "_bsr_fuse", "_bsr_drop_in_eval", "_bsr_score_grad", "_bsr_recorder"):
             blk.__dict__.pop(name, None)
+    for name, dtype in state.linear_dtypes.items():
+        module = model.get_submodule(name)
+        module.__class__ = nn.Linear
+        module.weight.data = module.weight.data.to(dtype)
     model.__class__ = state.model_class
     for name, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(name, p.requires_grad))

@@ -338,3 +338,67 @@ def test_score_grad_off_detaches_scores():
     model = bsr.reprogram(make("vit"), BSRConfig(**SMALL_CFG, score_grad=False))
     model(inputs(model)).sum().backward()
     assert model.blocks[1].attn.qkv.weight.grad is not None
+
+
+@pytest.mark.parametrize("recompute", ["first", "all"])
+def test_recompute_gives_the_same_logits_and_grads(recompute):
+    model = bsr.reprogram(make("vit"), BSRConfig(**SMALL_CFG))
+    x = inputs(model)
+    out, grads = logits_and_grads(model, x)
+    bsr.restore(model)
+    bsr.reprogram(model, BSRConfig(**SMALL_CFG, recompute=recompute))
+    out_r, grads_r = logits_and_grads(model, x)
+    torch.testing.assert_close(out_r, out)
+    assert grads_r.keys() == grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads_r[n], grads[n])
+
+
+def test_recompute_all_keeps_only_block_inputs():
+    model = bsr.reprogram(make("vit"), BSRConfig(**SMALL_CFG))
+    plain, _ = _saved_storages(lambda: model(inputs(model)))
+    bsr.restore(model)
+    bsr.reprogram(model, BSRConfig(**SMALL_CFG, recompute="all"))
+    lean, _ = _saved_storages(lambda: model(inputs(model)))
+    nbytes = lambda saved: sum(t.untyped_storage().nbytes() for t in saved.values()  # noqa: E731
+                               if not isinstance(t, torch.nn.Parameter))
+    assert nbytes(lean) < nbytes(plain) / 3
+
+
+def test_low_precision_frozen_weights():
+    model = make("vit")
+    ref = copy.deepcopy(model)
+    bsr.reprogram(model, BSRConfig(**SMALL_CFG, frozen_dtype="bfloat16"))
+    assert model.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16  # frozen block
+    assert model.blocks[2].attn.qkv.weight.dtype == torch.bfloat16
+    assert model.blocks[1].attn.qkv.weight.dtype == torch.float32  # trainable block
+    x = inputs(model)
+    bsr.reprogram(ref, BSRConfig(**SMALL_CFG))
+    out, grads = logits_and_grads(model, x)
+    ref_out, ref_grads = logits_and_grads(ref, x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref_out, atol=0.05, rtol=0.05)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        cos = torch.nn.functional.cosine_similarity(grads[n].flatten(), ref_grads[n].flatten(), dim=0)
+        assert cos > 0.99, n
+    # backward keeps the bf16 parameter, never an fp32 copy of a frozen weight
+    saved, _ = _saved_storages(lambda: model(x))
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    numel = model.blocks[2].mlp.fc1.weight.numel()
+    assert not [ptr for ptr, t in saved.items() if t.numel() == numel and ptr not in param_storages]
+    bsr.restore(model)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert type(model.blocks[0].mlp.fc1) is torch.nn.Linear
+
+
+def test_lean_preset_trains_under_autocast():
+    model = bsr.reprogram(make("vit"), BSRConfig.preset("lean", **SMALL_CFG))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(inputs(model))
+    out.float().sum().backward()
+    assert model.blocks[1].attn.qkv.weight.grad is not None
+    with pytest.raises(BSRError, match="unknown BSR preset"):
+        BSRConfig.preset("tiny")
+    with pytest.raises(BSRError, match="frozen_dtype"):
+        BSRConfig(frozen_dtype="int4")
