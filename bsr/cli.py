@@ -100,7 +100,7 @@ def _add_train(sub) -> None:
 
 
 # Flags that may accompany --resume: they change how, not what, is computed.
-_RESUME_FLAGS = ("device", "workers")
+_RESUME_FLAGS = ("device", "workers", "threads")
 
 
 def _run_train(args: argparse.Namespace) -> int:

@@ -56,7 +56,8 @@ def apply_method(model: nn.Module, method: str, *, bsr: BSRConfig | None = None,
             raise BSRError(f"last_k={last_k} is out of range; the model has {len(model.blocks)} blocks")
         return _reprogram(model, BSRConfig(trainable_blocks=f"last:{last_k}", keep_rate=1.0))
     if method == "tokendrop":
-        return _reprogram(model, dataclasses.replace(bsr, trainable_blocks="all"))
+        model = _reprogram(model, dataclasses.replace(bsr, trainable_blocks="all"))
+        return model.requires_grad_(True)  # EViT-like: embeddings and tokens train too, unlike BSR
     if method == "bsr":
         return _reprogram(model, bsr)
     if method == "bitfit":

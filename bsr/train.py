@@ -101,6 +101,7 @@ class TrainConfig:
     workers: int = _f(0, "data loader worker processes")
     out: Optional[str] = _f(None, "run directory (default: runs/<method>-<dataset>-<time>)")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
+    threads: Optional[int] = _f(None, "CPU threads of torch (default: torch's; 1 is fastest on a busy machine)")
 
     def __post_init__(self) -> None:
         if isinstance(self.bsr, dict):
@@ -120,7 +121,8 @@ class TrainConfig:
         if self.recipe is not None and self.recipe not in RECIPE_NAMES:
             raise BSRError(f"recipe={self.recipe!r} is unknown; use one of {', '.join(RECIPE_NAMES)}")
         positive = ("batch_size", "epochs", "log_every", "lora_rank", "last_k")
-        optional_positive = ("img_size", "patch_size", "num_classes", "limit", "steps", "clip_grad", "layer_decay")
+        optional_positive = ("img_size", "patch_size", "num_classes", "limit", "steps", "clip_grad", "layer_decay",
+                             "threads")
         for name in positive + optional_positive:
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -496,12 +498,16 @@ class RunFiles:
         self.out = out
         self.metrics = out / "metrics.jsonl"
 
-    def prepare(self, cfg: TrainConfig, resuming: bool) -> None:
+    def check(self, resuming: bool) -> None:
+        """Refuse an out path that is a file, or that holds another run (never overwrite one)."""
         if self.out.exists() and not self.out.is_dir():
             raise BSRError(f"out={str(self.out)!r} exists and is not a directory")
         if not resuming and (self.out / "checkpoint.safetensors").exists():
             raise BSRError(f"out={str(self.out)!r} already holds a run; continue it with --resume {self.out} "
                            f"or pick another --out")
+
+    def prepare(self, cfg: TrainConfig) -> None:
+        """Create the directory and write the resolved config."""
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -554,15 +560,19 @@ def train(cfg: TrainConfig, resume: Optional[str | Path] = None, progress: bool 
     from .data import dataset_info
 
     device = pick_device(cfg.device)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     if cfg.out is None:
         cfg.out = default_out(cfg)
     files = RunFiles(Path(cfg.out))
     saved = read_checkpoint(resume) if resume is not None else None
-    files.prepare(cfg, resuming=saved is not None)
+    files.check(resuming=saved is not None)
 
+    # Everything that can fail on bad input happens before the first file is written.
     num_classes = cfg.num_classes or dataset_info(cfg.dataset).num_classes
     model = setup_model(cfg, device, num_classes)
     train_set, test_set = build_data(cfg, image_size(model))
+    files.prepare(cfg)
     items = SeededItems(train_set, cfg.seed)
     steps_per_epoch = len(items) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -725,15 +735,11 @@ def load_run(run: str | Path, device: torch.device, **overrides) -> tuple[TrainC
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
-    num_classes = cfg.num_classes or dataset_info(saved_dataset(cfg)).num_classes
+    num_classes = cfg.num_classes or dataset_info(cfg.dataset).num_classes
     model = setup_model(cfg, device, num_classes)
     load_trainable(model, tensors, run)
     model.eval()
     return cfg, model
-
-
-def saved_dataset(cfg: TrainConfig) -> str:
-    return cfg.dataset
 
 
 def evaluate_run(run: str | Path, dataset: Optional[str] = None, data_dir: Optional[str] = None,

@@ -1,0 +1,208 @@
+"""Training config layering, the lr schedule, the loop's outputs, resume after a kill, and NaN handling."""
+
+import json
+import math
+
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import save_file
+
+import bsr.train as train_mod
+from bsr.checkpoint import read_checkpoint
+from bsr.errors import BSRError
+from bsr.train import TrainConfig, build_optimizer, lr_at, make_config, resolve_config, setup_model, train
+
+
+def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
+    """A run that takes a few seconds: 16 px digits, 64 images per split, batch 16 (4 steps per epoch)."""
+    values = dict(img_size=16, checkpoint="none", dataset="digits-embedded", limit=64, batch_size=16, steps=6,
+                  eval_every=3, warmup_steps=2, warmup_epochs=0.0, out=str(tmp_path / name), log_every=1)
+    values.update(overrides)
+    return make_config(values)
+
+
+# ------------------------------------------------------------------------------------------------- schedule
+
+
+@pytest.mark.parametrize("step,expected", [
+    (0, 0.25), (1, 0.5), (3, 1.0),                 # linear warm-up over 4 steps, reaching lr at the last one
+    (4, 1.0), (9, 0.55), (14, 0.1), (20, 0.1),     # cosine from 1.0 at step 4 to min_lr 0.1 at step 14
+])
+def test_lr_schedule_is_a_pure_function_of_the_step(step, expected):
+    assert lr_at(step, lr=1.0, total_steps=14, warmup_steps=4, min_lr=0.1) == pytest.approx(expected)
+
+
+def test_lr_constant_schedule_and_no_warmup():
+    assert lr_at(0, lr=0.3, total_steps=10, warmup_steps=0, schedule="constant") == 0.3
+    assert lr_at(5, lr=1.0, total_steps=10, warmup_steps=0) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
+
+
+# ------------------------------------------------------------------------------------------------- config layering
+
+
+def test_defaults_are_the_dataclass_defaults():
+    assert resolve_config() == TrainConfig()
+
+
+def test_recipes_set_the_papers_values():
+    sgd = resolve_config({"recipe": "vit-sgd"})
+    assert (sgd.optimizer, sgd.lr, sgd.momentum, sgd.weight_decay, sgd.batch_size, sgd.warmup_steps, sgd.clip_grad,
+            sgd.rrc_scale, sgd.mean, sgd.min_lr, sgd.steps) == \
+        ("sgd", 1e-3, 0.9, 0.0, 128, 500, 1.0, [0.05, 1.0], [0.5] * 3, 0.0, 20_000)
+    assert resolve_config({"recipe": "vit-sgd", "dataset": "flowers102"}).lr == 3e-2
+    assert resolve_config({"recipe": "vit-sgd", "dataset": "food101"}).steps == 30_000
+    deit = resolve_config({"recipe": "deit-adamw"})
+    assert (deit.optimizer, deit.lr, deit.layer_decay, deit.weight_decay, deit.warmup_epochs, deit.min_lr,
+            deit.epochs, deit.label_smoothing, deit.hflip, deit.amp) == \
+        ("adamw", 5e-4, 0.75, 0.05, 5.0, 1e-6, 50, 0.1, True, "bf16")
+    assert deit.mean == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_layering_defaults_recipe_yaml_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"recipe": "vit-sgd", "lr": 0.5, "batch_size": 32, "bsr": {"keep_rate": 0.7}}))
+    cfg = resolve_config({"lr": 0.25, "bsr": {"trainable_blocks": "last:2"}}, path)
+    assert cfg.optimizer == "sgd"             # recipe over defaults
+    assert cfg.batch_size == 32               # YAML over recipe
+    assert cfg.lr == 0.25                     # flags over YAML
+    assert cfg.bsr.keep_rate == 0.7 and cfg.bsr.trainable_blocks == "last:2" and cfg.bsr.drop_blocks == [3, 6, 9]
+    assert cfg.epochs == TrainConfig().epochs  # untouched: default
+    # a flag picks the recipe even when the YAML names another
+    assert resolve_config({"recipe": "deit-adamw"}, path).optimizer == "adamw"
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = resolve_config({"recipe": "deit-adamw", "limit": 10, "bsr": {"drop_blocks": "2,4"}})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert resolve_config(config_file=path) == cfg
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"lrr": 0.1}, "unknown config key 'lrr'"),
+    ({"keep_rate": 0.5}, "unknown config key 'keep_rate' \\(BSR options go under 'bsr:'\\)"),
+    ({"bsr": {"keep": 0.5}}, "unknown config key 'bsr.keep'"),
+    ({"lr": "fast"}, "lr='fast' has the wrong type; expected float"),
+    ({"epochs": 1.5}, "epochs=1.5 has the wrong type; expected int"),
+    ({"hflip": "yes"}, "hflip='yes' has the wrong type; expected bool"),
+    ({"limit": True}, "limit=True has the wrong type"),
+    ({"rrc_scale": [0.5, "a"]}, "rrc_scale=\\[0.5, 'a'\\] has the wrong type"),
+    ({"bsr": {"keep_rate": 1.5}}, "keep_rate=1.5 is outside"),
+    ({"bsr": {"keep_rate": 0}}, "keep_rate=0"),
+    ({"bsr": {"fuse_token": "no"}}, "fuse_token"),
+    ({"method": "magic"}, "method='magic' is not valid"),
+    ({"recipe": "sota"}, "recipe='sota' is unknown"),
+    ({"batch_size": 0}, "batch_size=0 must be positive"),
+    ({"rrc_scale": [0.9, 0.1]}, "rrc_scale"),
+])
+def test_bad_values_are_errors_naming_the_key(values, match):
+    with pytest.raises(BSRError, match=match):
+        resolve_config(values)
+
+
+def test_yaml_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1, 2\n")
+    with pytest.raises(BSRError, match="not valid YAML"):
+        resolve_config(config_file=bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(BSRError, match="must hold a mapping"):
+        resolve_config(config_file=bad)
+    with pytest.raises(BSRError, match="cannot read config file"):
+        resolve_config(config_file=tmp_path / "missing.yaml")
+
+
+# ------------------------------------------------------------------------------------------------- optimizer
+
+
+def test_no_weight_decay_on_1d_pos_embed_cls_token_and_layer_decay_scales(tmp_path):
+    cfg = tiny(tmp_path, method="full", weight_decay=0.05, layer_decay=0.5)
+    model = setup_model(cfg, torch.device("cpu"), 10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = build_optimizer(cfg, model).param_groups
+    for g in groups:
+        for p in g["params"]:
+            no_decay = p.ndim <= 1 or names[id(p)] in ("pos_embed", "cls_token")
+            assert g["weight_decay"] == (0.0 if no_decay else 0.05), names[id(p)]
+    scale = {names[id(p)]: g["lr_scale"] for g in groups for p in g["params"]}
+    assert scale["head.weight"] == 1.0 and scale["blocks.11.mlp.fc1.weight"] == 0.5
+    assert scale["blocks.0.attn.qkv.weight"] == pytest.approx(0.5 ** 12) and scale["pos_embed"] == 0.5 ** 13
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+
+
+def test_training_writes_config_metrics_report_and_checkpoint(tmp_path):
+    cfg = tiny(tmp_path)
+    report = train(cfg, progress=False)
+    out = tmp_path / "run"
+    assert resolve_config(config_file=out / "config.yaml") == cfg
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [ln["step"] for ln in lines if "loss" in ln] == [1, 2, 3, 4, 5, 6]
+    assert [ln["step"] for ln in lines if "test_acc" in ln] == [3, 6]
+    assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert report["accuracy"]["best"] >= report["accuracy"]["final"] >= 0
+    assert report["params"]["trainable"] < report["params"]["total"]
+    assert [(t["attn"], t["mlp"]) for t in report["tokens_per_block"]][3] == (17, 10)  # BSR drops at block 3
+    assert report["median_step_time_s"] > 0 and report["peak_memory_mib"] > 0
+    assert {"torch", "timm", "bsr"} <= set(report["versions"])
+    tensors, meta = read_checkpoint(out)
+    assert meta["step"] == 6 and meta["config"] == cfg.to_dict()
+    trained = {k for k in tensors if k.startswith("param.")}
+    assert "param.blocks.3.attn.qkv.weight" in trained and "param.blocks.0.attn.qkv.weight" not in trained
+    assert "param.patch_embed.proj.weight" not in trained  # frozen: comes back from the base weights
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: the run stops between two steps, after its last checkpoint."""
+
+
+@pytest.mark.parametrize("method", ["bsr", "lora"])
+def test_resume_after_a_kill_reaches_the_same_weights(tmp_path, monkeypatch, method):
+    # 4 steps per epoch, checkpoints at steps 3, 6, 9; the kill lands at step 7 (mid-epoch, after a checkpoint)
+    common = dict(method=method, steps=9, eval_every=3, lora_rank=2)
+    train(tiny(tmp_path, "straight", **common), progress=False)
+
+    real_lr_at = train_mod.lr_at
+
+    def lr_at_then_kill(step, **kw):
+        if step == 7:
+            raise Killed
+        return real_lr_at(step, **kw)
+
+    monkeypatch.setattr(train_mod, "lr_at", lr_at_then_kill)
+    with pytest.raises(Killed):
+        train(tiny(tmp_path, "killed", **common), progress=False)
+    assert read_checkpoint(tmp_path / "killed")[1]["step"] == 6
+    monkeypatch.setattr(train_mod, "lr_at", real_lr_at)
+    train(tiny(tmp_path, "killed", **common), resume=tmp_path / "killed", progress=False)
+
+    straight, meta_a = read_checkpoint(tmp_path / "straight")
+    resumed, meta_b = read_checkpoint(tmp_path / "killed")
+    assert meta_b["step"] == 9 and meta_a["best_acc"] == meta_b["best_acc"]
+    for key in (k for k in straight if not k.startswith("rng.")):
+        assert torch.equal(straight[key], resumed[key]), key  # parameters and optimizer state, bitwise
+    metrics = [(tmp_path / d / "metrics.jsonl").read_text().splitlines() for d in ("straight", "killed")]
+    strip = [[{k: v for k, v in json.loads(ln).items() if k != "step_time"} for ln in m] for m in metrics]
+    assert strip[0] == strip[1]  # lines the killed run wrote after its checkpoint were dropped, then rewritten
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
+    # An SGD lr of 1e30 blows the weights up in one step: step 1 is finite, step 2 is not.
+    cfg = tiny(tmp_path, method="head", optimizer="sgd", lr=1e30, clip_grad=None, warmup_steps=0, eval_every=1,
+               momentum=0.0)
+    with pytest.raises(BSRError, match=r"loss is (nan|inf) at step \d+; stopped \(last good checkpoint: .*"
+                                       r"checkpoint.safetensors\)"):
+        train(cfg, progress=False)
+    assert read_checkpoint(tmp_path / "run")[1]["step"] >= 1
+
+
+def test_nan_in_base_weights_stops_before_any_checkpoint(tmp_path):
+    model = timm.create_model("vit_micro_patch4_28", img_size=16)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["blocks.5.mlp.fc2.bias"] = torch.full_like(state["blocks.5.mlp.fc2.bias"], float("nan"))
+    save_file(state, tmp_path / "nan.safetensors")
+    with pytest.raises(BSRError, match="loss is nan at step 0; stopped \\(no checkpoint was written yet\\)"):
+        train(tiny(tmp_path, checkpoint=str(tmp_path / "nan.safetensors")), progress=False)
