@@ -124,7 +124,7 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     for name, value in meta["scalars"].items():
         idx, key = name.split(".", 1)
         state.setdefault(int(idx), {})[key] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
+    return {"state": dict(sorted(state.items())), "param_groups": meta["param_groups"]}
 
 
 # ------------------------------------------------------------------------------------------------- save and load

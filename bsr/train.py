@@ -277,6 +277,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     except (RuntimeError, ValueError, TypeError, AssertionError, OSError) as e:
         raise BSRError(f"cannot build model {cfg.model!r} with {kwargs or 'its defaults'}: "
                        f"{' '.join(str(e).split())[:200]}") from None
+    cfg.bsr.resolve(len(getattr(model, "blocks", ())))  # bad block indices fail before any weights are read
     weights = base_weights_path(cfg)
     if weights is not None:
         load_base_weights(model, weights)
@@ -505,6 +506,13 @@ class RunFiles:
         if not resuming and (self.out / "checkpoint.safetensors").exists():
             raise BSRError(f"out={str(self.out)!r} already holds a run; continue it with --resume {self.out} "
                            f"or pick another --out")
+        existing = self.out
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise BSRError(f"out={str(self.out)!r} cannot be created: {existing} is not a directory")
+        if not os.access(existing, os.W_OK):
+            raise BSRError(f"out={str(self.out)!r} is not writable ({existing}); pick another --out")
 
     def prepare(self, cfg: TrainConfig) -> None:
         """Create the directory and write the resolved config."""
@@ -703,12 +711,15 @@ def summary_lines(report: dict) -> list[str]:
     """The short summary printed at the end of `bsr train`."""
     acc, p = report["accuracy"], report["params"]
     tokens = [(t["attn"], t["mlp"]) for t in report["tokens_per_block"]]
+    step_time = "no steps taken in this process (the run had finished)"
+    if report["median_step_time_s"] is not None:
+        step_time = f"{1000 * report['median_step_time_s']:.1f} ms median ({report['images_per_s']:.0f} img/s)"
     return [
         f"method {report['method']} on {report['dataset']['name']} ({report['model']}, {report['steps']} steps)",
         f"  test top-1     final {acc['final']:.2f}%  best {acc['best']:.2f}% (step {acc['best_step']})",
         f"  trainable      {p['trainable']:,} / {p['total']:,} params ({100 * p['trainable'] / p['total']:.1f}%)",
         f"  tokens/block   {format_tokens(tokens)}  (attention/MLP)",
-        f"  step time      {1000 * report['median_step_time_s']:.1f} ms median ({report['images_per_s']:.0f} img/s)",
+        f"  step time      {step_time}",
         f"  peak memory    {report['peak_memory_mib']:.0f} MiB",
         f"  run dir        {report['config']['out']}",
     ]
