@@ -206,3 +206,40 @@ def test_nan_in_base_weights_stops_before_any_checkpoint(tmp_path):
     save_file(state, tmp_path / "nan.safetensors")
     with pytest.raises(BSRError, match="loss is nan at step 0; stopped \\(no checkpoint was written yet\\)"):
         train(tiny(tmp_path, checkpoint=str(tmp_path / "nan.safetensors")), progress=False)
+
+
+def test_sigkilled_cli_run_resumes_to_the_same_weights(tmp_path):
+    """A real `kill -9` of `bsr train` in the middle of a run, then `bsr train --resume`."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    argv = [sys.executable, "-m", "bsr", "train", "--img-size", "28", "--checkpoint", "none", "--limit", "96",
+            "--batch-size", "16", "--steps", "14", "--eval-every", "2", "--no-progress", "--threads", "1"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(argv + ["--out", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if read_checkpoint(killed)[1]["step"] >= 4:
+                break
+        except BSRError:
+            pass  # no checkpoint yet
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_at_kill = read_checkpoint(killed)[1]["step"]
+    assert proc.returncode == -signal.SIGKILL and step_at_kill < 14, "the run ended before it could be killed"
+
+    resumed = subprocess.run(argv[:4] + ["--resume", str(killed), "--no-progress"], capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    straight = subprocess.run(argv + ["--out", str(tmp_path / "straight")], capture_output=True, text=True,
+                              timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    a, _ = read_checkpoint(tmp_path / "straight")
+    b, meta = read_checkpoint(killed)
+    assert meta["step"] == 14
+    for key in (k for k in a if k.startswith(("param.", "optim."))):
+        assert torch.equal(a[key], b[key]), key
