@@ -100,33 +100,37 @@ class BSRBlock(Block):
 
 
 class _FrozenLinearFn(torch.autograd.Function):
-    """y = x W^T + b with a frozen, low-precision W cast to x's dtype on the fly.
+    """y = x W^T + b computed and returned in the dtype of a frozen, low-precision W (bfloat16/float16).
 
     Saves only W itself (a parameter, already resident) for the input gradient: a plain `F.linear(x, W.float())`
-    would keep the fp32 copy of W alive until backward.
+    would keep an fp32 copy of W alive until backward. Computing in W's dtype uses the fast low-precision matmul
+    kernels (AVX512-BF16 / AMX on CPUs, tensor cores on GPUs), and the ops after it (attention, GELU) then run and
+    save their inputs in that dtype too, as under autocast; the residual stream stays in its own dtype.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         ctx.save_for_backward(weight)
-        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        ctx.out_dtype = x.dtype
+        bias = None if bias is None else bias.to(weight.dtype)
+        return F.linear(x.to(weight.dtype), weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         (weight,) = ctx.saved_tensors
-        return grad_out @ weight.to(grad_out.dtype), None, None
+        return (grad_out.to(weight.dtype) @ weight).to(ctx.out_dtype), None, None
 
 
 class FrozenLowPrecisionLinear(nn.Linear):
-    """A frozen timm/torch `nn.Linear` whose weight is stored in bfloat16/float16 and computed at the input's dtype.
+    """A frozen timm/torch `nn.Linear` whose weight is stored, and whose matmul runs, in bfloat16/float16.
 
-    Changes against the host: the weight's storage dtype; no gradient for weight or bias (they must be frozen).
+    Changes against the host: the weight's dtype; the matmul's input and output dtype (the weight's); no gradient for
+    weight or bias (they must be frozen).
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        return _FrozenLinearFn.apply(x, self.weight, self.bias)
+        with torch.autocast(x.device.type, enabled=False):  # the function picks its own dtypes
+            return _FrozenLinearFn.apply(x, self.weight, self.bias)
 
 
 class BSRVisionTransformer(VisionTransformer):
