@@ -160,8 +160,15 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-# Subcommands in help order; `bench` (bsr.measure) plugs in here as one more (name, adder) pair.
-SUBCOMMANDS: list[tuple[str, Callable]] = [("train", _add_train), ("eval", _add_eval), ("export", _add_export)]
+def _add_bench(sub) -> None:
+    from .bench_cli import add_bench_parser
+
+    add_bench_parser(sub)
+
+
+# Subcommands in help order, each one (name, adder) pair.
+SUBCOMMANDS: list[tuple[str, Callable]] = [("train", _add_train), ("eval", _add_eval), ("export", _add_export),
+                                           ("bench", _add_bench)]
 
 
 def build_parser() -> argparse.ArgumentParser:

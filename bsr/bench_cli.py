@@ -1,0 +1,73 @@
+"""`bsr bench`: the command-line face of `bsr.bench` (it only parses flags and calls the library).
+
+Flags are generated from the `BenchSpec` and `BSRConfig` fields and their help strings, like `bsr train`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .bench import BenchSpec, run_bench
+from .config import BSRConfig
+
+_OWN_FLAGS = ("command", "run", "out", "compare_analytic", "in_process")
+
+
+def add_bench_parser(sub) -> None:
+    """Register the `bench` subcommand on the `bsr` subparsers."""
+    from .cli import add_dataclass_flags
+
+    p = sub.add_parser("bench", help="memory, FLOPs and time of every method side by side",
+                       description="Benchmark fine-tuning methods on one model: memory per method in a fresh "
+                                   "process, time round-robin in one process; writes bench.json, bench.md and "
+                                   "bench.png into --out. bsr-lean is bsr with the lean preset.")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/bench-<model>)")
+    p.add_argument("--compare-analytic", action="store_true",
+                   help="print (and add to bench.md) the authors' formula against the measured figures, and why")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure memory in this process instead of a fresh one per method (debugging only: "
+                        "peaks are then not comparable)")
+    add_dataclass_flags(p.add_argument_group("benchmark options"), BenchSpec, skip=("bsr",))
+    add_dataclass_flags(p.add_argument_group("BSR options (bsr, bsr-lean, tokendrop)"), BSRConfig, prefix="bsr.")
+    p.set_defaults(run=run)
+
+
+def command_line(spec: BenchSpec, out: Path, compare: bool) -> str:
+    """The `bsr bench` command that repeats this run, with every option spelled out."""
+    words = ["bsr", "bench"]
+    for f in fields(spec):
+        value = getattr(spec, f.name)
+        if f.name == "bsr" or value is None:
+            continue
+        words += ["--" + f.name.replace("_", "-"), ",".join(value) if isinstance(value, list) else str(value)]
+    for key, value in spec.bsr.items():
+        text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        words += ["--" + key.replace("_", "-"), text] if not isinstance(value, bool) else \
+            ["--" + ("" if value else "no-") + key.replace("_", "-")]
+    words += ["--out", str(out)] + (["--compare-analytic"] if compare else [])
+    return shlex.join(words)
+
+
+def _log(message: str) -> None:
+    print(f"bsr bench: {message}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .bench_report import compare_analytic, write_outputs
+    from .cli import flags_to_values
+
+    spec = BenchSpec.from_dict(flags_to_values(args, ignore=_OWN_FLAGS))
+    spec.check()
+    out = Path(args.out or f"runs/bench-{spec.model}")
+    command = command_line(spec, out, args.compare_analytic)
+    result = run_bench(spec, command=command, isolate=not args.in_process, log=_log)
+    paths = write_outputs(result, out, compare=args.compare_analytic)
+    if args.compare_analytic:
+        print("\n".join(compare_analytic(result.records)))
+    print(paths["md"].read_text())
+    print(f"records: {paths['json']}, plot: {paths['png']}")
+    return 0

@@ -1,0 +1,202 @@
+"""Rendering of `bsr bench` records: `bench.md` tables, `bench.json`, `bench.png`, and the analytic comparison.
+
+Everything here reads the records `bsr.bench.run_bench` returns (or `bench.json` loads back) and measures nothing,
+so a report can be re-rendered from a saved run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from .bench import BenchResult
+
+MIB = 2 ** 20
+HIGHLIGHT = ("bsr", "bsr-lean")
+
+
+def _mib(nbytes: Optional[float]) -> str:
+    return "-" if nbytes is None else f"{nbytes / MIB:,.1f}"
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table: first column left-aligned, the figures right-aligned."""
+    return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),
+            *("| " + " | ".join(row) + " |" for row in rows)]
+
+
+def memory_table(records: list[dict]) -> list[str]:
+    """Measured memory per method (MiB) with full/method ratios, and the analytic figure beside it."""
+    header = ["method", "trainable params", "params MiB", "grads MiB", "optimizer MiB", "saved MiB", "full/x",
+              "train peak MiB", "full/x", "infer peak MiB", "train/infer", "analytic MiB"]
+    rows = []
+    for r in records:
+        ratio = r["ratio_vs_full"]
+        rows.append([f"**{r['method']}**" if r["method"] in HIGHLIGHT else r["method"],
+                     f"{r['trainable_params']:,} / {r['total_params']:,}", _mib(r["param_bytes"]),
+                     _mib(r["grad_bytes"]), _mib(r["optimizer_bytes"]), _mib(r["saved_activation_bytes"]),
+                     _ratio(ratio["saved_activation"]), _mib(r["train_peak_bytes"]), _ratio(ratio["train_peak"]),
+                     _mib(r["infer_peak_bytes"]), _ratio(r["train_over_infer_peak"]),
+                     _mib(r["analytic_memory_bytes"])])
+    return _table(header, rows)
+
+
+def compute_table(records: list[dict]) -> list[str]:
+    """FLOPs, forward GMACs and median step time per method, with full/method ratios and achieved GFLOP/s."""
+    header = ["method", "train GFLOP/step", "full/x", "fwd GMACs/img", "step s (median)", "full/x", "steps s",
+              "achieved GFLOP/s", "matmul GFLOP/s"]
+    rows = []
+    for r in records:
+        ratio = r["ratio_vs_full"]
+        rows.append([f"**{r['method']}**" if r["method"] in HIGHLIGHT else r["method"],
+                     f"{r['train_flops_per_step'] / 1e9:,.1f}", _ratio(ratio["flops"]),
+                     f"{r['fwd_gmacs_per_image']:.2f}", f"{r['step_time_median_s']:.3f}", _ratio(ratio["step_time"]),
+                     ", ".join(f"{t:.2f}" for t in r["step_times_s"]), f"{r['achieved_gflops']:.1f}",
+                     f"{r['matmul_gflops']:.1f}"])
+    return _table(header, rows)
+
+
+def _block_order(name: str) -> tuple:
+    is_block = name.startswith("blocks.")
+    return (not is_block, int(name.split(".")[1]) if is_block else 0, name)
+
+
+def saved_by_block_table(records: list[dict]) -> list[str]:
+    """Saved-for-backward MiB per top-level part (blocks kept apart) of every method: where the bytes go."""
+    names = sorted({k for r in records for k in r["saved_by_block"]}, key=_block_order)
+    rows = [[name, *(_mib(r["saved_by_block"].get(name, 0)) for r in records)] for name in names]
+    rows.append(["**total**", *(f"**{_mib(r['saved_activation_bytes'])}**" for r in records)])
+    return _table(["part", *(r["method"] for r in records)], rows)
+
+
+def _tokens(counts: list) -> str:
+    """`0-2: 197/197, 3: 197/100, ...` (attention/MLP tokens, runs of equal blocks merged)."""
+    from .methods import format_tokens
+
+    return format_tokens([tuple(c) for c in counts])
+
+
+def render_markdown(result: BenchResult, compare: bool = False) -> str:
+    """The whole `bench.md`: run header, memory and compute tables, saved bytes per block, tokens, environment."""
+    meta, records = result.meta, result.records
+    spec, machine, versions = meta["spec"], meta["machine"], meta["versions"]
+    first = records[0]
+    lines = [f"# bsr bench: {spec['model']}, {first['img_size']} px, batch {spec['batch_size']}, "
+             f"{spec['optimizer']}", "",
+             f"- command: `{meta['command'] or '(library call)'}`",
+             f"- date: {meta['started']} to {meta['finished']} (UTC)",
+             f"- machine: {machine['cpu']}, {machine['cores']} cores, torch threads {machine['torch_threads']}, "
+             f"device {machine['device']}" + (f" ({machine['gpu']})" if "gpu" in machine else ""),
+             f"- versions: bsr {versions['bsr']}, torch {versions['torch']}, timm {versions['timm']}, "
+             f"python {versions['python']}",
+             f"- protocol: memory in a fresh process per method ({spec['warmup']} warm-up + {spec['memory_steps']} "
+             f"measured step(s), peak minus the memory before the model was built); time round-robin in one process "
+             f"({spec['warmup']} warm-up + {spec['steps']} timed rounds, medians); matmul GFLOP/s sampled each round: "
+             + ", ".join(f"{g:.0f}" for g in meta["matmul_gflops_per_round"]),
+             "- ratios are full/method from this run (higher is better for the method)", "",
+             "## Memory", "", *memory_table(records), "",
+             "## Compute and time", "", *compute_table(records), "",
+             "## Saved for backward, MiB per part", "", *saved_by_block_table(records), "",
+             "## Tokens per block (attention/MLP)", ""]
+    lines += [f"- {r['method']}: {_tokens(r['tokens'])}" for r in records]
+    configs = [r for r in records if r.get("bsr_config")]
+    if configs:
+        lines += ["", "## BSR options", ""]
+        lines += [f"- {r['method']}: `{json.dumps(r['bsr_config'])}`" for r in configs]
+    if compare:
+        lines += ["", "## Analytic formula against the measurements", "", *compare_analytic(records)]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------- analytic
+
+
+def _reasons(r: dict) -> list[str]:
+    """Why the authors' formula and our measurements differ for this record, each with its size."""
+    a = r["analytic"]
+    cfg = r.get("bsr_config") or {}
+    frozen = r["trainable_params"] < r["total_params"]
+    stored = cfg.get("frozen_dtype", "float32") if frozen else None
+    why = [f"weights {_mib(r['param_bytes'])} MiB stored vs {_mib(a['param_bytes'])} in the formula"
+           + (f" (it counts frozen weights at 8 bit, here they are {stored})" if frozen else
+              " (all trainable: 32 bit in both)"),
+           f"gradients {_mib(r['grad_bytes'])} MiB and optimizer state {_mib(r['optimizer_bytes'])} MiB are not in "
+           f"the formula",
+           f"its activation term is a per-layer peak of kept bytes plus that layer's input and output "
+           f"({_mib(a['activation_bytes'])} MiB; kept alone {_mib(a['kept_bytes'])} MiB), where saved counts what "
+           f"backward keeps, once per storage"]
+    if cfg.get("recompute", "none") != "none":
+        why.append(f"recompute={cfg['recompute']}: backward re-runs the trained blocks, so little is kept, "
+                   f"which the formula does not model")
+    other = r["train_peak_bytes"] - r["param_bytes"] - r["grad_bytes"] - r["optimizer_bytes"] \
+        - r["saved_activation_bytes"]
+    why.append(f"the measured peak holds {_mib(other)} MiB beyond weights + grads + optimizer + saved: backward's "
+               f"temporaries, the allocator's slack, kernels' workspaces")
+    return why
+
+
+def compare_analytic(records: list[dict]) -> list[str]:
+    """Per method: analytic total vs measured training peak, analytic kept vs measured saved bytes, and why."""
+    lines = []
+    for r in records:
+        if r.get("analytic") is None:
+            lines.append(f"- {r['method']}: no analytic counterpart (the formula covers full, head, last-k, "
+                         f"tokendrop and bsr)")
+            continue
+        a, total, peak = r["analytic"], r["analytic_memory_bytes"], r["train_peak_bytes"]
+        lines.append(f"- {r['method']}: analytic {_mib(total)} MiB vs measured train peak {_mib(peak)} MiB "
+                     f"(measured/analytic {peak / total:.2f}); analytic kept activations {_mib(a['kept_bytes'])} "
+                     f"MiB vs measured saved {_mib(r['saved_activation_bytes'])} MiB"
+                     + (f" ({r['saved_activation_bytes'] / a['kept_bytes']:.2f})" if a["kept_bytes"] else ""))
+        lines += [f"  - {why}" for why in _reasons(r)]
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------- plot and files
+
+
+def plot(result: BenchResult, path: Path) -> None:
+    """`bench.png`: training peak memory against median step time, one point per method, BSR highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    for r in result.records:
+        highlight = r["method"] in HIGHLIGHT
+        x, y = r["step_time_median_s"], r["train_peak_bytes"] / MIB
+        ax.scatter([x], [y], s=90 if highlight else 40, color="tab:red" if highlight else "tab:blue",
+                   zorder=3 if highlight else 2)
+        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(6, 4),
+                    fontweight="bold" if highlight else "normal")
+    spec, first = result.meta["spec"], result.records[0]
+    ax.set_xlabel("median training step time (s)")
+    ax.set_ylabel("training peak memory above baseline (MiB)")
+    ax.set_title(f"{spec['model']}, {first['img_size']} px, batch {spec['batch_size']}, {spec['optimizer']}")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_outputs(result: BenchResult, out: Path, compare: bool = False) -> dict[str, Path]:
+    """Write `bench.json`, `bench.md` and `bench.png` into `out` (created); returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "bench.json", "md": out / "bench.md", "png": out / "bench.png"}
+    paths["json"].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    paths["md"].write_text(render_markdown(result, compare=compare))
+    plot(result, paths["png"])
+    return paths
+
+
+def load_result(path: Path) -> BenchResult:
+    """A `BenchResult` back from a `bench.json`."""
+    return BenchResult.from_dict(json.loads(Path(path).read_text()))
