@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import bsr
+from bsr.bench import BenchSpec, build, make_batch
 from bsr.measure import saved_tensor_bytes
 
 MiB = 2 ** 20
@@ -26,14 +27,15 @@ MiB = 2 ** 20
 
 def measure(model_name: str, method: str, batch_size: int, img_size: int, num_classes: int,
             config: bsr.BSRConfig) -> dict:
-    """One record: saved bytes of one training forward of `method` ("full" or "bsr"), total and per block."""
-    torch.manual_seed(0)
-    model = timm.create_model(model_name, num_classes=num_classes, img_size=img_size)
-    if method == "bsr":
-        bsr.reprogram(model, config)
-    model.train()
-    images = torch.randn(batch_size, 3, img_size, img_size)
-    labels = torch.randint(0, num_classes, (batch_size,))
+    """One record: saved bytes of one training forward of `method` ("full" or "bsr"), total and per block.
+
+    Model and batch are built exactly as `bsr bench` builds them (seeded random weights and images).
+    """
+    spec = BenchSpec(model=model_name, img_size=img_size, batch_size=batch_size, num_classes=num_classes,
+                     methods=[method], bsr=config.to_dict())
+    device = torch.device("cpu")
+    model = build(spec, method, device)
+    images, labels = make_batch(spec, img_size, device)
     saved = saved_tensor_bytes(lambda: F.cross_entropy(model(images), labels), model=model)
     return {"method": method, "model": model_name, "batch_size": batch_size, "img_size": img_size,
             "saved_activation_bytes": saved.total, "by_block": saved.by_block,
