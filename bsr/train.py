@@ -269,7 +269,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     from . import models  # noqa: F401  (registers vit_micro_patch4_28)
 
     kwargs = {k: v for k, v in (("img_size", cfg.img_size), ("patch_size", cfg.patch_size)) if v is not None}
-    if cfg.model not in timm.list_models(cfg.model, pretrained=False) and not timm.is_model(cfg.model):
+    if not timm.is_model(cfg.model):
         close = timm.list_models(f"*{cfg.model.split('_')[0]}*")[:5]
         raise BSRError(f"unknown model {cfg.model!r}; try one of {', '.join(close) or 'timm.list_models()'}")
     try:
@@ -526,8 +526,13 @@ class RunFiles:
         """Drop metric lines a killed run wrote after its last checkpoint (they will be written again)."""
         if not self.metrics.exists():
             return
-        lines = [ln for ln in self.metrics.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+        keep = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                pass  # a line cut short by the kill
         atomic_write_bytes(self.metrics, "".join(ln + "\n" for ln in keep).encode())
 
     def log(self, record: dict) -> None:
