@@ -88,15 +88,31 @@ class BSRBlock(Block):
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         _refuse_masks(attn_mask, is_causal)
-        if not (self.training or self._bsr_drop_in_eval):
-            return super().forward(x)
-        a, scores = attention_with_cls_scores(self.attn, self.norm1(x), self._bsr_score_grad)
-        x = x + self.drop_path1(self.ls1(a))
-        x, keep_idx = drop_tokens(x, scores, self._bsr_keep_rate, self._bsr_fuse)  # (B, 1 + k [+ 1], C)
-        recorder = getattr(self, "_bsr_recorder", None)
-        if recorder is not None:
-            recorder.append(keep_idx.detach())
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return mlp_residual(self, attn_residual(self, x))
+
+    def dropping(self) -> bool:
+        return self.training or self._bsr_drop_in_eval
+
+
+def attn_residual(blk: Block, x: Tensor) -> Tensor:
+    """First half of a timm `Block`: `x + attn(norm1(x))`, then token dropping if `blk` is a dropping `BSRBlock`.
+
+    x: (B, N, C) -> (B, N, C), or (B, 1 + k [+ 1], C) after dropping.
+    """
+    if not (isinstance(blk, BSRBlock) and blk.dropping()):
+        return x + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x))))
+    a, scores = attention_with_cls_scores(blk.attn, blk.norm1(x), blk._bsr_score_grad)
+    x = x + blk.drop_path1(blk.ls1(a))
+    x, keep_idx = drop_tokens(x, scores, blk._bsr_keep_rate, blk._bsr_fuse)
+    recorder = getattr(blk, "_bsr_recorder", None)
+    if recorder is not None:
+        recorder.append(keep_idx.detach())
+    return x
+
+
+def mlp_residual(blk: Block, x: Tensor) -> Tensor:
+    """Second half of a timm `Block`: `x + mlp(norm2(x))`. x: (B, N, C) -> (B, N, C)."""
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
 class _FrozenLinearFn(torch.autograd.Function):
@@ -154,12 +170,16 @@ class BSRVisionTransformer(VisionTransformer):
             for blk in self.blocks[:first]:
                 x = blk(x)
         rest = self.blocks[first:]
-        recompute = {"none": 0, "first": 1, "all": len(rest)}[resolved.recompute]
+        recompute = {"none": 0, "first": 1, "all": len(rest)}[resolved.recompute] if torch.is_grad_enabled() else 0
         if self.grad_checkpointing and not torch.jit.is_scripting() and len(rest) > 0:
             x = checkpoint_seq(rest, x)
         else:
             for i, blk in enumerate(rest):
-                x = checkpoint(blk, x, use_reentrant=False) if i < recompute and torch.is_grad_enabled() else blk(x)
+                if i < recompute:  # attention and MLP halves apart: backward holds one half's activations at a time
+                    x = checkpoint(attn_residual, blk, x, use_reentrant=False)
+                    x = checkpoint(mlp_residual, blk, x, use_reentrant=False)
+                else:
+                    x = blk(x)
         return self.norm(x)
 
 
@@ -282,7 +302,8 @@ def record_kept_tokens(model: nn.Module):
     """Collect, per drop block, the indices of the kept tokens of every forward inside the block.
 
     Yields a dict {block index: list of (B, k) index tensors}; index 0 is the token after CLS *in that block's input*
-    (compose them through successive drop blocks to map back to image patches, see `kept_patch_indices`).
+    (compose them through successive drop blocks to map back to image patches, see `kept_patch_indices`). Meant for
+    inference: with `recompute` on, a training step's backward records its recomputed forward again.
     """
     state = getattr(model, _STATE, None)
     if state is None:
