@@ -87,6 +87,10 @@ class BenchSpec:
     lora_rank: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA alpha")
     matmul_size: int = _f(2048, "side of the square matmul that measures the machine's GFLOP/s")
+    mmap_threshold: Optional[int] = _f(None, "fix glibc's mmap threshold (bytes, e.g. 131072) in the memory "
+                                             "processes, so freed large tensors go back to the OS and peak RSS "
+                                             "tracks live tensors (default: glibc's dynamic threshold, which lets "
+                                             "the heap keep freed activations)")
     bsr: dict = field(default_factory=dict)  # BSRConfig overrides for bsr, bsr-lean and tokendrop
 
     def check(self) -> None:
@@ -104,8 +108,9 @@ class BenchSpec:
             raise BSRError(f"warmup={self.warmup} must be at least 0")
         if self.img_size is not None and self.img_size < 1:
             raise BSRError(f"img_size={self.img_size} must be a positive number of pixels")
-        if self.threads is not None and self.threads < 1:
-            raise BSRError(f"threads={self.threads} must be at least 1")
+        for name in ("threads", "mmap_threshold"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise BSRError(f"{name}={getattr(self, name)} must be at least 1")
         if self.optimizer not in OPTIMIZERS:
             raise BSRError(f"optimizer={self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
         depth = len(meta_model(self).blocks)  # bad model names and sizes fail here
@@ -213,16 +218,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _libc() -> Optional[ctypes.CDLL]:
+    """glibc, or None where there is none (macOS, musl)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+def set_mmap_threshold(nbytes: int) -> bool:
+    """Fix glibc's M_MMAP_THRESHOLD: allocations at least this big are mmapped and unmapped again when freed.
+
+    glibc raises the threshold by default each time a large mmapped block is freed, after which activations of that
+    size come from the heap, which keeps them after they are freed; the peak RSS then depends on the allocation
+    pattern of a method, not only on the bytes it needs. Returns False where this is not glibc.
+    """
+    libc = _libc()
+    return bool(libc is not None and libc.mallopt(-3, int(nbytes)))  # -3 = M_MMAP_THRESHOLD
+
+
 def release_memory() -> None:
     """Free what Python dropped and hand glibc's free heap back to the OS, so the next RSS baseline is honest."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc (e.g. musl): RSS may stay higher, the baseline says so
-            pass
+    libc = _libc()
+    if libc is not None:  # elsewhere RSS may stay higher; the baseline taken next says so
+        libc.malloc_trim(0)
 
 
 def image_size(model: nn.Module) -> int:
@@ -292,6 +317,8 @@ def memory_record(spec: BenchSpec, name: str) -> dict:
     device = resolve_device(spec)
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
+    if spec.mmap_threshold is not None and not set_mmap_threshold(spec.mmap_threshold):
+        raise BSRError("mmap_threshold needs glibc (Linux); drop the option here")
     if method_config(spec, name)[0] == "lora":
         import peft  # noqa: F401  (imported here, not inside the window: its ~80 MB of modules are not training)
     infer = inference_peak(spec, device)

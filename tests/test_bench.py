@@ -129,6 +129,7 @@ def test_cli_writes_the_files_and_its_command_repeats_the_spec(tmp_path, capsys)
     (["--optimizer", "lamb"], "optimizer='lamb'"),
     (["--trainable-blocks", "3,40"], "block index 40"),
     (["--methods", "full,full"], "names a method twice"),
+    (["--mmap-threshold", "0"], "mmap_threshold=0 must be at least 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
     assert main(["bench", "--model", "vit_micro_patch4_28", *argv, "--out", str(tmp_path)]) == 2
