@@ -18,7 +18,6 @@ Protocol, and why:
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import gc
 import json
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import measure
+from . import allocator, measure
 from .config import BSRConfig
 from .errors import BSRError
 from .methods import METHODS, apply_method, count_params, host, tokens_per_block
@@ -87,10 +86,10 @@ class BenchSpec:
     lora_rank: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA alpha")
     matmul_size: int = _f(2048, "side of the square matmul that measures the machine's GFLOP/s")
-    mmap_threshold: Optional[int] = _f(None, "fix glibc's mmap threshold (bytes, e.g. 131072) in the memory "
-                                             "processes, so freed large tensors go back to the OS and peak RSS "
-                                             "tracks live tensors (default: glibc's dynamic threshold, which lets "
-                                             "the heap keep freed activations)")
+    mmap_threshold: Optional[int] = _f(None, "fix glibc's mmap threshold (bytes, e.g. 1048576) in every process "
+                                             "of the run, so freed activations go back to the OS and peak RSS "
+                                             "tracks live tensors (default: glibc's dynamic threshold, whose heap "
+                                             "keeps freed activations resident); see bsr.allocator")
     bsr: dict = field(default_factory=dict)  # BSRConfig overrides for bsr, bsr-lean and tokendrop
 
     def check(self) -> None:
@@ -218,26 +217,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _libc() -> Optional[ctypes.CDLL]:
-    """glibc, or None where there is none (macOS, musl)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
-    except OSError:
-        return None
-
-
-def set_mmap_threshold(nbytes: int) -> bool:
-    """Fix glibc's M_MMAP_THRESHOLD: allocations at least this big are mmapped and unmapped again when freed.
-
-    glibc raises the threshold by default each time a large mmapped block is freed, after which activations of that
-    size come from the heap, which keeps them after they are freed; the peak RSS then depends on the allocation
-    pattern of a method, not only on the bytes it needs. Returns False where this is not glibc.
-    """
-    libc = _libc()
-    return bool(libc is not None and libc.mallopt(-3, int(nbytes)))  # -3 = M_MMAP_THRESHOLD
+def apply_mmap_threshold(spec: BenchSpec) -> None:
+    """Fix glibc's mmap threshold if `spec` asks (see `bsr.allocator`): in the memory processes and in the timing
+    process alike, so that its cost in page faults is part of every method's step time."""
+    if spec.mmap_threshold is not None and not allocator.release_freed_memory(spec.mmap_threshold):
+        raise BSRError("mmap_threshold needs glibc (Linux); drop the option here")
 
 
 def release_memory() -> None:
@@ -245,9 +229,7 @@ def release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    libc = _libc()
-    if libc is not None:  # elsewhere RSS may stay higher; the baseline taken next says so
-        libc.malloc_trim(0)
+    allocator.trim()  # a no-op off glibc, where RSS may stay higher; the baseline taken next says so
 
 
 def image_size(model: nn.Module) -> int:
@@ -317,8 +299,7 @@ def memory_record(spec: BenchSpec, name: str) -> dict:
     device = resolve_device(spec)
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
-    if spec.mmap_threshold is not None and not set_mmap_threshold(spec.mmap_threshold):
-        raise BSRError("mmap_threshold needs glibc (Linux); drop the option here")
+    apply_mmap_threshold(spec)
     if method_config(spec, name)[0] == "lora":
         import peft  # noqa: F401  (imported here, not inside the window: its ~80 MB of modules are not training)
     infer = inference_peak(spec, device)
@@ -459,6 +440,7 @@ def run_bench(spec: BenchSpec, *, command: Optional[str] = None, isolate: bool =
     device = resolve_device(spec)
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
+    apply_mmap_threshold(spec)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     env = {"versions": versions(), "machine": machine(device)}
 

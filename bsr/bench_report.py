@@ -98,9 +98,9 @@ def render_markdown(result: BenchResult, compare: bool = False) -> str:
              f"measured step(s), peak minus the memory before the model was built); time round-robin in one process "
              f"({spec['warmup']} warm-up + {spec['steps']} timed rounds, medians); matmul GFLOP/s sampled each round: "
              + ", ".join(f"{g:.0f}" for g in meta["matmul_gflops_per_round"]),
-             "- glibc mmap threshold in the memory processes: "
+             "- glibc mmap threshold: "
              + (f"fixed at {spec['mmap_threshold']:,} bytes (peak RSS tracks live tensors)"
-                if spec.get("mmap_threshold") else "glibc's default (dynamic; the heap may keep freed activations)"),
+                if spec.get("mmap_threshold") else "glibc's default (dynamic; its heap may keep freed activations)"),
              "- ratios are full/method from this run (higher is better for the method)", "",
              "## Memory", "", *memory_table(records), "",
              "## Compute and time", "", *compute_table(records), "",

@@ -106,13 +106,13 @@ def test_cli_writes_the_files_and_its_command_repeats_the_spec(tmp_path, capsys)
     out = tmp_path / "cli"
     argv = ["bench", "--model", "vit_micro_patch4_28", "--img-size", "16", "--batch-size", "2", "--methods",
             "full,bsr-lean", "--steps", "1", "--warmup", "0", "--threads", "1", "--matmul-size", "128",
-            "--keep-rate", "0.25", "--out", str(out), "--in-process"]
+            "--keep-rate", "0.25", "--mmap-threshold", "1048576", "--out", str(out), "--in-process"]
     assert main(argv) == 0
     data = json.loads((out / "bench.json").read_text())
     lean = data["records"][1]
     assert lean["method"] == "bsr-lean" and lean["bsr_config"]["keep_rate"] == 0.25
     assert lean["bsr_config"]["frozen_dtype"] != "float32" or lean["bsr_config"]["recompute"] != "none"
-    assert (out / "bench.md").exists() and (out / "bench.png").exists()
+    assert "fixed at 1,048,576 bytes" in (out / "bench.md").read_text() and (out / "bench.png").exists()
     assert "bsr-lean" in capsys.readouterr().out
 
     # The recorded command parses back to the same spec.
