@@ -182,8 +182,9 @@ def plot(result: BenchResult, path: Path) -> None:
     ax.set_xlabel("median training step time (s)")
     ax.set_ylabel("training peak memory above baseline (MiB)")
     ax.set_title(f"{spec['model']}, {first['img_size']} px, batch {spec['batch_size']}, {spec['optimizer']}")
-    ax.set_xlim(left=0)
-    ax.set_ylim(bottom=0)
+    # Room on the right and top for the labels of the slowest and largest methods.
+    ax.set_xlim(0, 1.15 * max(r["step_time_median_s"] for r in result.records))
+    ax.set_ylim(0, 1.1 * max(r["train_peak_bytes"] for r in result.records) / MIB)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
