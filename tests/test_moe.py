@@ -254,3 +254,15 @@ def test_dense_multitask_and_refusals():
         mt(images(), task=2)
     with pytest.raises(BSRError, match="task gates"):
         MultiTaskViT(moeify(tiny_vit(), blocks=[1], num_experts=2, top_k=1, num_tasks=3), [2, 2])
+
+
+def test_recomputation_replays_the_same_noisy_routing():
+    grads = []
+    for recompute in ("none", "all"):
+        mt = build_multitask(tiny_vit(), [3, 4], moe_blocks=[1, 3], num_experts=4, top_k=2, aux_loss_coef=0.01)
+        reprogram_multitask(mt, BSRConfig(**SMALL_BSR, recompute=recompute))
+        torch.manual_seed(7)
+        (mt(images(), task=1).square().sum() + moe_aux_loss(mt)).backward()
+        grads.append({n: p.grad for n, p in mt.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n]) for n in grads[0])
