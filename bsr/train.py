@@ -66,7 +66,7 @@ class TrainConfig:
     data_dir: Optional[str] = _f(None, "folder holding the dataset (default: the dataset's own)")
     download: bool = _f(False, "let torchvision download a missing dataset")
     limit: Optional[int] = _f(None, "use only this many images of each split (class-stratified)")
-    rrc_scale: Optional[list[float]] = _f([0.5, 1.0], "RandomResizedCrop scale range for training (none: resize)")
+    rrc_scale: Optional[list[float]] = _f(None, "RandomResizedCrop scale range for training, e.g. 0.5,1 (none: resize)")
     hflip: bool = _f(False, "random horizontal flips in training")
     mean: list[float] = _f([0.5, 0.5, 0.5], "per-channel normalisation mean")
     std: list[float] = _f([0.5, 0.5, 0.5], "per-channel normalisation std")
@@ -85,11 +85,11 @@ class TrainConfig:
     weight_decay: float = _f(0.05, "weight decay (none on 1-D params, pos_embed, cls_token)")
     layer_decay: Optional[float] = _f(None, "layer-wise lr decay factor, e.g. 0.75 (none: off)")
     warmup_steps: int = _f(0, "linear warm-up steps (added to --warmup-epochs)")
-    warmup_epochs: float = _f(0.5, "linear warm-up epochs")
+    warmup_epochs: float = _f(0.3, "linear warm-up epochs")
     schedule: str = _f("cosine", "cosine (to --min-lr) or constant, after warm-up")
-    epochs: int = _f(4, "training epochs (ignored if --steps is set)")
+    epochs: int = _f(10, "training epochs (ignored if --steps is set)")
     steps: Optional[int] = _f(None, "training steps (overrides --epochs)")
-    batch_size: int = _f(64, "training batch size")
+    batch_size: int = _f(32, "training batch size")
     clip_grad: Optional[float] = _f(1.0, "clip the gradient norm to this (none: off)")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
     amp: str = _f("off", "mixed precision: off, bf16 or fp16")
@@ -101,7 +101,8 @@ class TrainConfig:
     workers: int = _f(0, "data loader worker processes")
     out: Optional[str] = _f(None, "run directory (default: runs/<method>-<dataset>-<time>)")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
-    threads: Optional[int] = _f(None, "CPU threads of torch (default: torch's; 1 is fastest on a busy machine)")
+    threads: Optional[int] = _f(1, "CPU threads of torch; 1 suits small models and shared machines (spinning "
+                                   "threads stall when cores are busy); none: torch's default (all cores)")
 
     def __post_init__(self) -> None:
         if isinstance(self.bsr, dict):
