@@ -13,7 +13,7 @@ import types
 from dataclasses import MISSING, fields
 from typing import Any, Callable, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
-from .config import BSRConfig
+from .config import PRESETS, BSRConfig
 from .errors import BSRError
 
 EXIT_USER_ERROR = 2
@@ -95,7 +95,11 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run saved in RUN_DIR")
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="hide the progress bar")
     add_dataclass_flags(p.add_argument_group("training options"), TrainConfig, skip=("bsr",))
-    add_dataclass_flags(p.add_argument_group("BSR options (--method bsr, tokendrop)"), BSRConfig, prefix="bsr.")
+    group = p.add_argument_group("BSR options (--method bsr, tokendrop)")
+    group.add_argument("--preset", dest="bsr.preset", default=argparse.SUPPRESS, choices=sorted(PRESETS),
+                       help="named BSR configuration the other BSR options override: paper (the defaults) or lean "
+                            "(bf16 frozen weights, recomputation, scores without autograd)")
+    add_dataclass_flags(group, BSRConfig, prefix="bsr.")
     p.set_defaults(run=_run_train)
 
 

@@ -181,14 +181,18 @@ def check_type(key: str, value: Any, tp: Any) -> Any:
 
 
 def make_bsr(values: dict) -> BSRConfig:
-    """`BSRConfig` from a dict, refusing unknown keys."""
+    """`BSRConfig` from a dict, refusing unknown keys; a `preset` key names the base the other keys override."""
     if not isinstance(values, dict):
         raise BSRError(f"bsr={values!r} must be a mapping of BSR options")
+    values = dict(values)
+    preset = values.pop("preset", "paper")
     known = {f.name for f in fields(BSRConfig)}
     for key in values:
         if key not in known:
-            raise BSRError(f"unknown config key 'bsr.{key}'; BSR options are: {', '.join(sorted(known))}")
-    return BSRConfig(**values)
+            raise BSRError(f"unknown config key 'bsr.{key}'; BSR options are: preset, {', '.join(sorted(known))}")
+    if not isinstance(preset, str):
+        raise BSRError(f"bsr.preset={preset!r} has the wrong type; expected str")
+    return BSRConfig.preset(preset, **values)
 
 
 def make_config(values: dict) -> TrainConfig:
@@ -334,7 +338,8 @@ def load_base_weights(model: nn.Module, path: Path) -> None:
     try:
         state = checkpoint_filter_fn(state, model)
     except Exception as e:
-        raise BSRError(f"weights {path} do not fit {type(model).__name__}: {type(e).__name__}: {str(e)[:160]}") from None
+        reason = f"{type(e).__name__}: {str(e)[:160]}"
+        raise BSRError(f"weights {path} do not fit {type(model).__name__}: {reason}") from None
     own = model.state_dict()
     # A head trained for another number of classes is dropped: fine-tuning starts with a fresh head.
     state = {k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape and k.startswith("head."))}

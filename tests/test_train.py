@@ -243,3 +243,12 @@ def test_sigkilled_cli_run_resumes_to_the_same_weights(tmp_path):
     assert meta["step"] == 14
     for key in (k for k in a if k.startswith(("param.", "optim."))):
         assert torch.equal(a[key], b[key]), key
+
+
+def test_bsr_preset_is_a_base_that_explicit_options_override(tmp_path):
+    cfg = resolve_config({"bsr": {"preset": "lean", "keep_rate": 0.3}})
+    assert cfg.bsr.frozen_dtype == "bfloat16" and cfg.bsr.recompute == "all" and cfg.bsr.keep_rate == 0.3
+    (tmp_path / "c.yaml").write_text("bsr:\n  preset: lean\n  recompute: first\n")
+    assert resolve_config({}, tmp_path / "c.yaml").bsr.recompute == "first"
+    with pytest.raises(BSRError, match="unknown BSR preset"):
+        resolve_config({"bsr": {"preset": "tiny"}})
