@@ -358,27 +358,38 @@ def round_robin_times(spec: BenchSpec, names: list[str], device: torch.device,
 # ------------------------------------------------------------------------------------------------- the run
 
 
-def analytic_fields(spec: BenchSpec, name: str) -> dict:
+def analytic_fields(spec: BenchSpec, name: str, tokens: list) -> dict:
     """The authors' formula (`bsr.analytic`) for method `name`, where it has a counterpart; else None fields.
 
     last-k is BSR without dropping on the last k blocks; bsr-lean gets bsr's formula, which knows nothing of the lean
-    options (it already assumes 8-bit frozen weights).
+    options (it already assumes 8-bit frozen weights). `softmax_bytes` is the part of the kept activations that is
+    the attention matrices (heads * N^2 per block wherever attention keeps anything), which timm's fused attention
+    never stores; `tokens` are the measured (attention, MLP) tokens per block.
     """
-    from .analytic import analytic_memory_bytes, method_memory_bytes
+    from .analytic import ACT_BYTES, analytic_memory_bytes, method_memory_bytes
 
     method, config = method_config(spec, name)
     model = meta_model(spec)
     depth = len(model.blocks)
-    if method in ("full", "head", "tokendrop", "bsr"):
-        memory = method_memory_bytes(model, method, batch_size=spec.batch_size, config=config)
+    if method in ("full", "tokendrop"):
+        first = 0
+    elif method == "head":
+        first = depth
     elif method == "last-k":
-        memory = analytic_memory_bytes(model, batch_size=spec.batch_size,
-                                       trainable_blocks=list(range(depth - spec.last_k, depth)))
+        first = depth - spec.last_k
+    elif method == "bsr":
+        first = config.resolve(depth).first_trainable
     else:
         return {"analytic_memory_bytes": None, "analytic": None}
+    if method == "last-k":
+        memory = analytic_memory_bytes(model, batch_size=spec.batch_size, trainable_blocks=list(range(first, depth)))
+    else:
+        memory = method_memory_bytes(model, method, batch_size=spec.batch_size, config=config)
+    softmax = sum(model.blocks[i].attn.num_heads * tokens[i][0] ** 2 for i in range(first, depth))
     return {"analytic_memory_bytes": memory.total,
             "analytic": {"activation_bytes": memory.activation,
                          "kept_bytes": memory.kept_per_sample * spec.batch_size,
+                         "softmax_bytes": softmax * ACT_BYTES * spec.batch_size,
                          "param_bytes": memory.params}}
 
 
@@ -455,7 +466,8 @@ def run_bench(spec: BenchSpec, *, command: Optional[str] = None, isolate: bool =
         uses_bsr = name in ("bsr", LEAN, "tokendrop")
         records.append({"method": name, "model": spec.model, "batch_size": spec.batch_size,
                         "optimizer": spec.optimizer, **record,
-                        "bsr_config": config.to_dict() if uses_bsr else None, **analytic_fields(spec, name)})
+                        "bsr_config": config.to_dict() if uses_bsr else None,
+                        **analytic_fields(spec, name, record["tokens"])})
 
     times, gflops = round_robin_times(spec, list(spec.methods), device, log)
     matmul = statistics.median(gflops)

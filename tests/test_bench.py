@@ -94,7 +94,9 @@ def test_compare_analytic_says_why_and_skips_methods_without_a_formula(records):
     lines = compare_analytic([records["full"], records["bsr"], lora_like])
     text = "\n".join(lines)
     assert "full: analytic" in text and "bsr: analytic" in text and "lora: no analytic counterpart" in text
-    assert "8 bit" in text and "optimizer state" in text
+    assert "8 bit" in text and "optimizer state" in text and "attention matrices" in text
+    assert records["bsr"]["analytic"]["softmax_bytes"] == 3 * (17 ** 2 + 3 * 10 ** 2 + 3 * 7 ** 2 + 2 * 5 ** 2) \
+        * 4 * TINY.batch_size  # blocks 3-11 see 17, 10, 10, 10, 7, 7, 7, 5, 5 tokens; 3 heads
 
 
 def test_worker_errors_come_back_as_one_line():
