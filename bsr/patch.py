@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models._manipulate import checkpoint_seq
-from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import BSRConfig, ResolvedBSR
 from .errors import BSRError
