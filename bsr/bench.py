@@ -408,12 +408,27 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def source_commit() -> Optional[str]:
+    """The git commit the `bsr` package runs from (`+dirty` if it has uncommitted changes), or None outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no", "bsr"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def versions() -> dict:
     import timm
 
     from . import __version__
 
-    return {"bsr": __version__, "torch": torch.__version__, "timm": timm.__version__,
+    return {"bsr": __version__, "commit": source_commit(), "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version()}
 
 

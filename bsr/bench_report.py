@@ -92,8 +92,8 @@ def render_markdown(result: BenchResult, compare: bool = False) -> str:
              f"- date: {meta['started']} to {meta['finished']} (UTC)",
              f"- machine: {machine['cpu']}, {machine['cores']} cores, torch threads {machine['torch_threads']}, "
              f"device {machine['device']}" + (f" ({machine['gpu']})" if "gpu" in machine else ""),
-             f"- versions: bsr {versions['bsr']}, torch {versions['torch']}, timm {versions['timm']}, "
-             f"python {versions['python']}",
+             f"- versions: bsr {versions['bsr']} (commit {versions.get('commit') or 'unknown'}), "
+             f"torch {versions['torch']}, timm {versions['timm']}, python {versions['python']}",
              f"- protocol: memory in a fresh process per method ({spec['warmup']} warm-up + {spec['memory_steps']} "
              f"measured step(s), peak minus the memory before the model was built); time round-robin in one process "
              f"({spec['warmup']} warm-up + {spec['steps']} timed rounds, medians); matmul GFLOP/s sampled each round: "
