@@ -108,6 +108,7 @@ _RESUME_FLAGS = ("device", "workers", "threads")
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from .distributed import is_main
     from .train import config_of_run, resolve_config, summary_lines, train
 
     flags = flags_to_values(args, ignore=("command", "run", "config_file", "resume", "no_progress"))
@@ -122,7 +123,8 @@ def _run_train(args: argparse.Namespace) -> int:
     else:
         cfg = resolve_config(flags, args.config_file)
     report = train(cfg, resume=args.resume, progress=not args.no_progress)
-    print("\n".join(summary_lines(report)))
+    if is_main():  # under torchrun, one summary (rank 0's) rather than one per process
+        print("\n".join(summary_lines(report)))
     return 0
 
 

@@ -7,6 +7,16 @@ reads top to bottom: schedule, forward, backward, clip, step, log, evaluate, che
 Reproducibility: the data order of an epoch is a permutation seeded by (seed, epoch), and each training image's
 augmentation is seeded by (seed, epoch, index), so a run resumed mid-epoch from a checkpoint sees exactly the batches
 the uninterrupted run would have seen, whatever the number of workers.
+
+Data parallel (`torchrun --nproc-per-node N -m bsr train ...`, see `bsr.distributed`): every process takes its
+contiguous slice of each global batch of `batch_size` images, so the union over ranks at step s is the single-process
+batch of step s, and DDP's gradient average over equal slices is the single-process mean over the global batch. Only
+rank 0 writes files and shows progress; test counts are summed over ranks, each rank evaluating a slice of the test
+set. Resume: every rank reads the checkpoint (so the run directory must be on a filesystem all nodes see). With
+`workers=0` resumed runs are bitwise those of an uninterrupted run of the same world size, dropout included: loading a
+training item reseeds torch's generator by (seed, epoch, index), so the generator state at each forward depends only
+on the rank's last item. With `workers>0` every rank restores rank 0's saved generator, so the dropout masks of the
+other ranks (none of the shipped methods uses dropout by default) differ from the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -26,12 +36,15 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_bytes, load_trainable, read_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import CHECKPOINT_NAME, atomic_write_bytes, load_trainable, read_checkpoint, save_checkpoint
+from .checkpoint import set_rng_state
 from .checkpoint import unflatten_optimizer
+from . import distributed
 from .config import BSRConfig
+from .distributed import Group
 from .errors import BSRError
 from .methods import METHODS, apply_method, count_params, format_tokens, host, tokens_per_block
 from .recipes import RECIPE_NAMES, recipe_values
@@ -358,11 +371,15 @@ def load_base_weights(model: nn.Module, path: Path) -> None:
 class EpochBatches(Sampler):
     """Batches of one epoch: a permutation seeded by (seed, epoch), drop_last, starting at batch `skip`.
 
-    Yields lists of `(epoch, index)` keys for `SeededItems`.
+    Yields lists of `(epoch, index)` keys for `SeededItems`. With `world_size` > 1 it yields this `rank`'s contiguous
+    slice of each global batch of `batch_size` (which the world size must divide): the ranks' slices of step s
+    together are exactly the single-process batch of step s.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip: int = 0) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, skip: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
         self.n, self.batch_size, self.seed, self.epoch, self.skip = n, batch_size, seed, epoch, skip
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return self.n // self.batch_size - self.skip
@@ -370,8 +387,10 @@ class EpochBatches(Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
+        part = self.batch_size // self.world_size
         for b in range(self.skip, self.n // self.batch_size):
-            yield [(self.epoch, i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+            start = b * self.batch_size + self.rank * part
+            yield [(self.epoch, i) for i in order[start:start + part]]
 
 
 class SeededItems(Dataset):
@@ -404,12 +423,16 @@ def build_data(cfg: TrainConfig, img_size: int, train: bool = True) -> tuple[Opt
     return train_set, test_set
 
 
-def train_loader(items: SeededItems, cfg: TrainConfig, epoch: int, skip: int, device: torch.device) -> DataLoader:
-    sampler = EpochBatches(len(items), cfg.batch_size, cfg.seed, epoch, skip)
-    return DataLoader(items, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+def train_loader(items: SeededItems, cfg: TrainConfig, epoch: int, skip: int, group: Group) -> DataLoader:
+    """This rank's slices of the batches of `epoch` from batch `skip` on."""
+    sampler = EpochBatches(len(items), cfg.batch_size, cfg.seed, epoch, skip, group.rank, group.world_size)
+    return DataLoader(items, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=group.device.type == "cuda")
 
 
-def test_loader(test_set: Dataset, cfg: TrainConfig, device: torch.device) -> DataLoader:
+def test_loader(test_set: Dataset, cfg: TrainConfig, device: torch.device, group: Optional[Group] = None) -> DataLoader:
+    """The test set in order; in a group, this rank's contiguous slice of it (every image on exactly one rank)."""
+    if group is not None and group.enabled:
+        test_set = Subset(test_set, group.shard(len(test_set)))
     return DataLoader(test_set, batch_size=max(cfg.batch_size, 256), shuffle=False, num_workers=cfg.workers,
                       pin_memory=device.type == "cuda")
 
@@ -453,8 +476,9 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, cfg: TrainConfig) -> float:
-    """Top-1 accuracy (%) of `model` over `loader`."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, cfg: TrainConfig,
+             group: Optional[Group] = None) -> float:
+    """Top-1 accuracy (%) of `model` over `loader`; in a group, over the union of the ranks' loaders."""
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -465,6 +489,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, cfg: Tr
         correct += (logits.argmax(-1) == labels).sum().item()
         total += labels.numel()
     model.train(was_training)
+    if group is not None:
+        correct, total = group.all_reduce_sum([correct, total])  # exact: counts stay far below 2**53
     return 100.0 * correct / max(total, 1)
 
 
@@ -499,10 +525,13 @@ def environment(device: torch.device) -> dict:
 
 
 class RunFiles:
-    """The run directory: config.yaml, metrics.jsonl, report.json and the checkpoint."""
+    """The run directory: config.yaml, metrics.jsonl, report.json and the checkpoint.
 
-    def __init__(self, out: Path) -> None:
-        self.out = out
+    `write=False` (data-parallel ranks other than 0) checks the directory like rank 0 but writes nothing.
+    """
+
+    def __init__(self, out: Path, write: bool = True) -> None:
+        self.out, self.write = out, write
         self.metrics = out / "metrics.jsonl"
 
     def check(self, resuming: bool) -> None:
@@ -522,6 +551,8 @@ class RunFiles:
 
     def prepare(self, cfg: TrainConfig) -> None:
         """Create the directory and write the resolved config."""
+        if not self.write:
+            return
         try:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -530,7 +561,7 @@ class RunFiles:
 
     def truncate_metrics(self, step: int) -> None:
         """Drop metric lines a killed run wrote after its last checkpoint (they will be written again)."""
-        if not self.metrics.exists():
+        if not self.write or not self.metrics.exists():
             return
         keep = []
         for line in self.metrics.read_text().splitlines():
@@ -542,6 +573,8 @@ class RunFiles:
         atomic_write_bytes(self.metrics, "".join(ln + "\n" for ln in keep).encode())
 
     def log(self, record: dict) -> None:
+        if not self.write:
+            return
         try:
             with self.metrics.open("a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -549,6 +582,8 @@ class RunFiles:
             raise BSRError(f"cannot write {self.metrics}: {e.strerror or e}") from None
 
     def report(self, report: dict) -> None:
+        if not self.write:
+            return
         atomic_write_bytes(self.out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
 
 
@@ -575,15 +610,24 @@ def image_size(model: nn.Module) -> int:
 
 
 def train(cfg: TrainConfig, resume: Optional[str | Path] = None, progress: bool = True) -> dict:
-    """Run training as `cfg` says (continuing the checkpoint in `resume` if given); returns the report."""
+    """Run training as `cfg` says (continuing the checkpoint in `resume` if given); returns the report.
+
+    Under torchrun this process joins the data-parallel group for the run and leaves it at the end.
+    """
+    with distributed.process_group(pick_device(cfg.device)) as group:
+        return train_in_group(cfg, group, resume, progress)
+
+
+def train_in_group(cfg: TrainConfig, dp: Group, resume: Optional[str | Path] = None, progress: bool = True) -> dict:
+    """`train` as one rank of `dp` (a single-process `Group` trains alone); returns the report on every rank."""
     from .data import dataset_info
 
-    device = pick_device(cfg.device)
+    device = dp.device
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     if cfg.out is None:
-        cfg.out = default_out(cfg)
-    files = RunFiles(Path(cfg.out))
+        cfg.out = dp.broadcast(default_out(cfg))  # named after rank 0's clock: ranks may straddle a second
+    files = RunFiles(Path(cfg.out), write=dp.is_main)
     saved = read_checkpoint(resume) if resume is not None else None
     files.check(resuming=saved is not None)
 
@@ -596,6 +640,9 @@ def train(cfg: TrainConfig, resume: Optional[str | Path] = None, progress: bool 
     steps_per_epoch = len(items) // cfg.batch_size
     if steps_per_epoch == 0:
         raise BSRError(f"the training set has {len(items)} images, fewer than batch_size={cfg.batch_size}")
+    if cfg.batch_size % dp.world_size:
+        raise BSRError(f"batch_size={cfg.batch_size} is not divisible by the {dp.world_size} processes; each "
+                       f"takes an equal slice of every batch")
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps + round(cfg.warmup_epochs * steps_per_epoch)
     eval_every = cfg.eval_every or steps_per_epoch
@@ -603,18 +650,21 @@ def train(cfg: TrainConfig, resume: Optional[str | Path] = None, progress: bool 
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     params = count_params(model)
-    tests = test_loader(test_set, cfg, device)
+    tests = test_loader(test_set, cfg, device, dp)
 
     step, best, history = 0, 0.0, {"acc": None, "best_step": 0}
     if saved is not None:
         step, best, history = restore_state(saved, model, optimizer, scaler, resume)
         files.truncate_metrics(step)
-    tokens = tokens_per_block(model, next(iter(tests))[0][:2].to(device))
+    probe = torch.stack([test_set[i][0] for i in range(min(2, len(test_set)))])  # a rank's test slice may be empty
+    tokens = tokens_per_block(model, probe.to(device))
+    net = distributed.wrap(model, dp)  # after freezing: DDP all-reduces only the trainable parameters
 
     model.train()
     step_times: list[float] = []
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, dynamic_ncols=True, desc=cfg.method)
-    batches = iterate_batches(items, cfg, device, step, steps_per_epoch)
+    bar = tqdm(total=total_steps, initial=step, disable=not (progress and dp.is_main), dynamic_ncols=True,
+               desc=cfg.method)
+    batches = iterate_batches(items, cfg, dp, step, steps_per_epoch)
     ckpt_path = None
     while step < total_steps:
         images, labels = next(batches)
@@ -629,9 +679,10 @@ def train(cfg: TrainConfig, resume: Optional[str | Path] = None, progress: bool 
 
         # forward
         with autocast(cfg, device):
-            logits = model(images)
+            logits = net(images)
             loss = criterion(logits.float(), labels)
-        loss_value = loss.item()
+        # logged values are over the global batch; every rank sees the same loss, so all stop together on NaN
+        loss_value, acc = dp.mean([loss.item(), (logits.argmax(-1) == labels).float().mean().item() * 100])
         if not math.isfinite(loss_value):
             bar.close()
             kept = f"last good checkpoint: {ckpt_path}" if ckpt_path else "no checkpoint was written yet"
@@ -653,26 +704,27 @@ def train(cfg: TrainConfig, resume: Optional[str | Path] = None, progress: bool 
         step_times.append(time.perf_counter() - t0)
 
         # log
-        acc = (logits.argmax(-1) == labels).float().mean().item() * 100
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.1f}", ips=f"{len(labels) / step_times[-1]:.0f}",
-                        refresh=False)
+        bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.1f}",
+                        ips=f"{len(labels) * dp.world_size / step_times[-1]:.0f}", refresh=False)
         if step % cfg.log_every == 0:
             files.log({"step": step, "epoch": (step - 1) // steps_per_epoch, "lr": lr, "loss": loss_value,
                        "train_acc": acc, "step_time": step_times[-1]})
 
         # evaluate and checkpoint
         if step % eval_every == 0 or step == total_steps:
-            test_acc = evaluate(model, tests, device, cfg)
+            test_acc = evaluate(model, tests, device, cfg, dp)
             if test_acc > best:
                 best, history["best_step"] = test_acc, step
             history["acc"] = test_acc
             files.log({"step": step, "epoch": (step - 1) // steps_per_epoch, "test_acc": test_acc, "best_acc": best})
-            bar.write(f"step {step}/{total_steps}: test top-1 {test_acc:.2f}% (best {best:.2f}%)")
-            ckpt_path = save_checkpoint(files.out, model, optimizer, {
-                "config": cfg.to_dict(), "step": step, "epoch": step / steps_per_epoch, "best_acc": best,
-                "history": history, "scheduler": {"total_steps": total_steps, "warmup_steps": warmup},
-                "scaler": {k: float(v) if torch.is_tensor(v) else v for k, v in scaler.state_dict().items()}})
+            if dp.is_main:  # the other ranks hold the same parameters and optimizer state
+                bar.write(f"step {step}/{total_steps}: test top-1 {test_acc:.2f}% (best {best:.2f}%)")
+                save_checkpoint(files.out, model, optimizer, {
+                    "config": cfg.to_dict(), "step": step, "epoch": step / steps_per_epoch, "best_acc": best,
+                    "history": history, "scheduler": {"total_steps": total_steps, "warmup_steps": warmup},
+                    "scaler": {k: float(v) if torch.is_tensor(v) else v for k, v in scaler.state_dict().items()}})
+            ckpt_path = files.out / CHECKPOINT_NAME
     bar.close()
 
     report = {
@@ -684,18 +736,27 @@ def train(cfg: TrainConfig, resume: Optional[str | Path] = None, progress: bool 
         "median_step_time_s": statistics.median(step_times) if step_times else None,
         "images_per_s": cfg.batch_size / statistics.median(step_times) if step_times else None,
         "peak_memory_mib": peak_memory_mib(device),
+        "data_parallel": data_parallel_record(dp, model),
         "config": cfg.to_dict(), **environment(device),
     }
     files.report(report)
     return report
 
 
-def iterate_batches(items: SeededItems, cfg: TrainConfig, device: torch.device, start: int, steps_per_epoch: int):
-    """Endless (images, labels) batches from global step `start` on; epochs restart the seeded order."""
+def iterate_batches(items: SeededItems, cfg: TrainConfig, group: Group, start: int, steps_per_epoch: int):
+    """Endless (images, labels) batches (this rank's slices) from global step `start` on; epochs restart the seeded
+    order."""
     epoch, skip = divmod(start, steps_per_epoch)
     while True:
-        yield from train_loader(items, cfg, epoch, skip, device)
+        yield from train_loader(items, cfg, epoch, skip, group)
         epoch, skip = epoch + 1, 0
+
+
+def data_parallel_record(group: Group, model: nn.Module) -> dict:
+    """World size, backend and gradient bytes per step: what DDP all-reduces (nothing in a single process)."""
+    grad_bytes = distributed.gradient_bytes(model)
+    return {"world_size": group.world_size, "backend": group.backend, "gradient_bytes": grad_bytes,
+            "allreduce_bytes_per_step": grad_bytes if group.enabled else 0}
 
 
 def restore_state(saved: tuple[dict, dict], model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -725,7 +786,7 @@ def summary_lines(report: dict) -> list[str]:
     step_time = "no steps taken in this process (the run had finished)"
     if report["median_step_time_s"] is not None:
         step_time = f"{1000 * report['median_step_time_s']:.1f} ms median ({report['images_per_s']:.0f} img/s)"
-    return [
+    lines = [
         f"method {report['method']} on {report['dataset']['name']} ({report['model']}, {report['steps']} steps)",
         f"  test top-1     final {acc['final']:.2f}%  best {acc['best']:.2f}% (step {acc['best_step']})",
         f"  trainable      {p['trainable']:,} / {p['total']:,} params ({100 * p['trainable'] / p['total']:.1f}%)",
@@ -734,6 +795,11 @@ def summary_lines(report: dict) -> list[str]:
         f"  peak memory    {report['peak_memory_mib']:.0f} MiB",
         f"  run dir        {report['config']['out']}",
     ]
+    dp = report["data_parallel"]
+    if dp["world_size"] > 1:
+        lines.insert(-1, f"  data parallel  {dp['world_size']} processes ({dp['backend']}), "
+                         f"{dp['allreduce_bytes_per_step'] / 2**20:.2f} MiB of gradients all-reduced per step")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------- runs
