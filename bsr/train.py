@@ -623,6 +623,9 @@ def train_in_group(cfg: TrainConfig, dp: Group, resume: Optional[str | Path] = N
     from .data import dataset_info
 
     device = dp.device
+    if cfg.batch_size % dp.world_size:
+        raise BSRError(f"batch_size={cfg.batch_size} is not divisible by the {dp.world_size} processes; each "
+                       f"takes an equal slice of every batch")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     if cfg.out is None:
@@ -640,9 +643,6 @@ def train_in_group(cfg: TrainConfig, dp: Group, resume: Optional[str | Path] = N
     steps_per_epoch = len(items) // cfg.batch_size
     if steps_per_epoch == 0:
         raise BSRError(f"the training set has {len(items)} images, fewer than batch_size={cfg.batch_size}")
-    if cfg.batch_size % dp.world_size:
-        raise BSRError(f"batch_size={cfg.batch_size} is not divisible by the {dp.world_size} processes; each "
-                       f"takes an equal slice of every batch")
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps + round(cfg.warmup_epochs * steps_per_epoch)
     eval_every = cfg.eval_every or steps_per_epoch
