@@ -92,7 +92,7 @@ class TrainConfig:
     # optimisation
     recipe: Optional[str] = _f(None, f"paper recipe whose values replace the defaults: {', '.join(RECIPE_NAMES)}")
     optimizer: str = _f("adamw", "sgd or adamw")
-    lr: float = _f(2e-3, "peak learning rate")
+    lr: float = _f(4e-3, "peak learning rate")
     min_lr: float = _f(1e-5, "learning rate at the end of the cosine schedule")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(0.05, "weight decay (none on 1-D params, pos_embed, cls_token)")
@@ -114,8 +114,8 @@ class TrainConfig:
     workers: int = _f(0, "data loader worker processes")
     out: Optional[str] = _f(None, "run directory (default: runs/<method>-<dataset>-<time>)")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
-    threads: Optional[int] = _f(1, "CPU threads of torch; 1 suits small models and shared machines (spinning "
-                                   "threads stall when cores are busy); none: torch's default (all cores)")
+    threads: Optional[int] = _f(None, "CPU threads of torch; 1 suits small models and shared machines (spinning "
+                                      "threads stall when cores are busy); none: torch's default (all cores)")
 
     def __post_init__(self) -> None:
         if isinstance(self.bsr, dict):
