@@ -38,7 +38,7 @@ from torch import nn
 from . import allocator, measure
 from .config import BSRConfig
 from .errors import BSRError
-from .methods import METHODS, apply_method, count_params, host, tokens_per_block
+from .methods import apply_method, count_params, host, tokens_per_block
 
 LEAN = "bsr-lean"  # method bsr with BSRConfig.preset("lean"), recorded under its own name
 BENCH_METHODS = ("full", "head", "bitfit", "last-k", "lora", "tokendrop", "bsr", LEAN)

@@ -12,7 +12,6 @@ import pytest
 
 from bsr import BSRError
 from bsr.bench import BenchSpec, memory_record_isolated, run_bench
-from bsr.bench_cli import command_line
 from bsr.bench_report import compare_analytic, load_result, render_markdown, write_outputs
 from bsr.cli import build_parser, flags_to_values, main
 
