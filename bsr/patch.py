@@ -33,7 +33,6 @@ class _PatchState:
     """What `reprogram` changed, so that `restore` can undo it exactly."""
 
     resolved: ResolvedBSR
-    config: BSRConfig
     model_class: type
     block_classes: dict[int, type]
     requires_grad: dict[str, bool]
@@ -231,7 +230,7 @@ def reprogram(model: nn.Module, config: Optional[BSRConfig] = None) -> VisionTra
     resolved = config.resolve(len(model.blocks))
     _check_host_features(model, resolved)
 
-    state = _PatchState(resolved=resolved, config=config, model_class=type(model), block_classes={},
+    state = _PatchState(resolved=resolved, model_class=type(model), block_classes={},
                         requires_grad={name: p.requires_grad for name, p in model.named_parameters()},
                         linear_dtypes={})
     # Freeze by structure: everything off, then the trainable modules on.
