@@ -14,6 +14,10 @@ Protocol, and why:
   is sampled every round in the same process, so achieved GFLOP/s can be read against it.
 - Inputs are the same seeded random batch for every method, weights random: memory, FLOPs and time do not depend on
   their values (and this machine has no pretrained weights offline).
+
+`moe=True` benchmarks the multi-task Mixture-of-Experts ViT of SPEC section 5 instead (`bsr.moe`): the step is one
+task's batch (task 0's head, cross-entropy, backward, optimizer step) with the router noise on, as in training, and
+the methods are `MOE_METHODS`; ratios are then against `moe-full`, the MoE model trained in full without dropping.
 """
 
 from __future__ import annotations
@@ -39,9 +43,16 @@ from . import allocator, measure
 from .config import BSRConfig
 from .errors import BSRError
 from .methods import apply_method, count_params, host, tokens_per_block
+from .moe import moe_layers
 
 LEAN = "bsr-lean"  # method bsr with BSRConfig.preset("lean"), recorded under its own name
 BENCH_METHODS = ("full", "head", "bitfit", "last-k", "lora", "tokendrop", "bsr", LEAN)
+# Multi-task methods (`moe=True`): the MoE ViT trained in full (the baseline), with BSR, with lean BSR; a dense
+# multi-task ViT trained in full. Each maps to (single-task method it applies, whether the backbone has MoE layers).
+MOE_METHODS = {"moe-full": ("full", True), "moe-bsr": ("bsr", True), "moe-bsr-lean": ("bsr", True),
+               "dense-full": ("full", False)}
+LEAN_METHODS = (LEAN, "moe-bsr-lean")
+MOE_TASK = 0  # the task whose batch every measured step trains
 OPTIMIZERS = ("sgd", "adamw")
 RECORD_PREFIX = "BSR_BENCH_RECORD "  # marks the worker's result line on stdout (libraries may print too)
 MIB = 2 ** 20
@@ -69,8 +80,8 @@ class BenchSpec:
                                             "on their values)")
     img_size: Optional[int] = _f(None, "image size in pixels (default: the model's)")
     batch_size: int = _f(32, "images per training step")
-    methods: list[str] = field(default_factory=lambda: list(BENCH_METHODS), metadata={
-        "help": f"comma list of methods to compare, from {','.join(BENCH_METHODS)}"})
+    methods: Optional[list[str]] = _f(None, f"comma list of methods to compare, from {','.join(BENCH_METHODS)}; "
+                                            f"with --moe from {','.join(MOE_METHODS)} (default: all of them)")
     steps: int = _f(5, "timed round-robin rounds (one training step of every method each); medians over them")
     warmup: int = _f(1, "untimed rounds before the timed ones, and untimed steps before the memory window")
     memory_steps: int = _f(1, "training steps inside the peak-memory window, after warm-up (each has the same "
@@ -90,19 +101,40 @@ class BenchSpec:
                                              "of the run, so freed activations go back to the OS and peak RSS "
                                              "tracks live tensors (default: glibc's dynamic threshold, whose heap "
                                              "keeps freed activations resident); see bsr.allocator")
+    moe: bool = _f(False, "benchmark the multi-task Mixture-of-Experts ViT (SPEC section 5): methods moe-full "
+                          "(the baseline of the ratios), moe-bsr, moe-bsr-lean, dense-full; each step trains one "
+                          "batch of task 0")
+    num_tasks: int = _f(3, "with --moe: tasks, i.e. heads and gates per MoE layer (num_classes classes each)")
+    moe_experts: int = _f(16, "with --moe: experts per MoE layer (MoE layers at blocks 3, 7, 11)")
+    moe_top_k: int = _f(4, "with --moe: experts per token")
     bsr: dict = field(default_factory=dict)  # BSRConfig overrides for bsr, bsr-lean and tokendrop
+
+    def __post_init__(self) -> None:
+        if self.methods is None:  # every method of the mode
+            self.methods = list(MOE_METHODS if self.moe else BENCH_METHODS)
+
+    @property
+    def baseline(self) -> str:
+        """The method every ratio divides: `moe-full` with `moe`, else `full`."""
+        return "moe-full" if self.moe else "full"
 
     def check(self) -> None:
         """Raise a one-line `BSRError` for anything that would fail later, before any process is started."""
-        unknown = [m for m in self.methods if m not in BENCH_METHODS]
+        known = list(MOE_METHODS) if self.moe else list(BENCH_METHODS)
+        unknown = [m for m in self.methods if m not in known]
         if unknown or not self.methods:
-            raise BSRError(f"unknown method {unknown[0]!r}; use a comma list of {', '.join(BENCH_METHODS)}"
-                           if unknown else f"no methods given; use a comma list of {', '.join(BENCH_METHODS)}")
+            other = " (without --moe)" if self.moe else " (or --moe for the multi-task methods)"
+            raise BSRError(f"unknown method {unknown[0]!r}; use a comma list of {', '.join(known)}{other}"
+                           if unknown else f"no methods given; use a comma list of {', '.join(known)}")
         if len(set(self.methods)) != len(self.methods):
             raise BSRError(f"methods={','.join(self.methods)} names a method twice; list each once")
-        for name in ("batch_size", "steps", "memory_steps", "num_classes", "last_k", "lora_rank", "matmul_size"):
+        for name in ("batch_size", "steps", "memory_steps", "num_classes", "last_k", "lora_rank", "matmul_size",
+                     "num_tasks", "moe_experts"):
             if int(getattr(self, name)) < 1:
                 raise BSRError(f"{name}={getattr(self, name)} must be at least 1")
+        if not 1 <= self.moe_top_k <= self.moe_experts:
+            raise BSRError(f"moe_top_k={self.moe_top_k} with {self.moe_experts} experts; use 1 <= moe_top_k <= "
+                           f"moe_experts")
         if self.warmup < 0:
             raise BSRError(f"warmup={self.warmup} must be at least 0")
         if self.img_size is not None and self.img_size < 1:
@@ -113,6 +145,11 @@ class BenchSpec:
         if self.optimizer not in OPTIMIZERS:
             raise BSRError(f"optimizer={self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
         depth = len(meta_model(self).blocks)  # bad model names and sizes fail here
+        if self.moe:
+            from .config import parse_blocks
+            from .moe import DEFAULT_MOE_BLOCKS
+
+            parse_blocks(list(DEFAULT_MOE_BLOCKS), depth, "moe_blocks")  # the MoE blocks must exist
         for name in self.methods:
             method_config(self, name)[1].resolve(depth)  # bad BSR overrides, or blocks the model lacks, here
         if "last-k" in self.methods and self.last_k > depth:
@@ -131,11 +168,13 @@ class BenchSpec:
 
 
 def method_config(spec: BenchSpec, name: str) -> tuple[str, BSRConfig]:
-    """(method for `apply_method`, its BSR options) of a bench method name; `bsr-lean` is bsr with the lean preset."""
+    """(method for `apply_method`, its BSR options) of a bench method name; `bsr-lean` is bsr with the lean preset,
+    a multi-task name maps to the single-task method it applies (`MOE_METHODS`)."""
+    method = MOE_METHODS[name][0] if name in MOE_METHODS else name
     try:
-        if name == LEAN:
+        if name in LEAN_METHODS:
             return "bsr", BSRConfig.preset("lean", **spec.bsr)
-        return name, BSRConfig(**spec.bsr)
+        return method, BSRConfig(**spec.bsr)
     except TypeError as e:  # an override that is not a BSRConfig field
         raise BSRError(f"bad BSR option in {sorted(spec.bsr)}: {e}") from None
 
@@ -174,17 +213,57 @@ def resolve_device(spec: BenchSpec) -> torch.device:
     return pick_device(spec.device)
 
 
-def build(spec: BenchSpec, name: str, device: torch.device) -> nn.Module:
-    """The model of bench method `name`: random-init timm model (seeded), method applied, on `device`, train mode."""
+class TaskStep(nn.Module):
+    """A `MultiTaskViT` seen as a single-task classifier: `forward(images)` is `mt(images, task)`, so the training
+    step, FLOP counter and forward-GMAC count run it like any benchmarked model. images: (B, 3, H, W) -> logits."""
+
+    def __init__(self, mt: nn.Module, task: int = MOE_TASK):
+        super().__init__()
+        self.mt, self.task = mt, task
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.mt(images, self.task)
+
+
+def bench_host(model: nn.Module) -> nn.Module:
+    """The timm ViT inside a benchmarked model: the backbone of a `TaskStep`, else `methods.host`."""
+    return model.mt.backbone if isinstance(model, TaskStep) else host(model)
+
+
+def _unpatched(spec: BenchSpec, name: str) -> nn.Module:
+    """Method `name`'s model before the method is applied: the timm model, or with `moe` the multi-task ViT (a
+    `TaskStep` on task 0) with MoE layers (`moe-*`) or dense (`dense-full`). Random weights, seeded."""
     import timm
 
-    from . import models  # noqa: F401
+    from . import models  # noqa: F401  (registers vit_micro_patch4_28)
+    from .moe import build_multitask
+
+    torch.manual_seed(spec.seed)  # every method starts from the same weights
+    if not spec.moe:
+        return timm.create_model(spec.model, **_model_kwargs(spec))
+    mt = build_multitask(spec.model, [spec.num_classes] * spec.num_tasks, moe=MOE_METHODS[name][1],
+                         num_experts=spec.moe_experts, top_k=spec.moe_top_k, **_model_kwargs(spec))
+    return TaskStep(mt)
+
+
+def build(spec: BenchSpec, name: str, device: torch.device) -> nn.Module:
+    """The model of bench method `name`: random-init model (seeded), method applied, on `device`, train mode.
+
+    With `moe`: full trains every parameter; bsr is `reprogram_multitask` (the MoE blocks are the trainable blocks,
+    all task heads train). The router noise stays on (train mode), as in training.
+    """
+    from .moe import reprogram_multitask
 
     method, config = method_config(spec, name)
-    torch.manual_seed(spec.seed)  # every method starts from the same weights
-    model = timm.create_model(spec.model, **_model_kwargs(spec))
-    model = apply_method(model, method, bsr=config, last_k=spec.last_k, lora_rank=spec.lora_rank,
-                         lora_alpha=spec.lora_alpha)
+    model = _unpatched(spec, name)
+    if isinstance(model, TaskStep):
+        if method == "bsr":
+            reprogram_multitask(model.mt, config)
+        else:
+            model.requires_grad_(True)
+    else:
+        model = apply_method(model, method, bsr=config, last_k=spec.last_k, lora_rank=spec.lora_rank,
+                             lora_alpha=spec.lora_alpha)
     return model.to(device).train()
 
 
@@ -233,20 +312,18 @@ def release_memory() -> None:
 
 
 def image_size(model: nn.Module) -> int:
-    return int(host(model).patch_embed.img_size[0])
+    return int(bench_host(model).patch_embed.img_size[0])
 
 
-def inference_peak(spec: BenchSpec, device: torch.device) -> int:
-    """Peak memory (bytes) of building the unpatched model and running one batch under `inference_mode`, above the
-    memory in use just before building it. The model is freed again before returning."""
-    import timm
-
-    torch.manual_seed(spec.seed)
+def inference_peak(spec: BenchSpec, device: torch.device, name: Optional[str] = None) -> int:
+    """Peak memory (bytes) of building the unpatched model of method `name` (`_unpatched`; the same for every
+    single-task method) and running one batch under `inference_mode`, above the memory in use just before building
+    it. The model is freed again before returning."""
     size = spec.img_size or int(meta_model(spec).patch_embed.img_size[0])
     images, _ = make_batch(spec, size, device)
     release_memory()
     with measure.track_peak(device) as window:
-        model = timm.create_model(spec.model, **_model_kwargs(spec)).to(device).eval()
+        model = _unpatched(spec, name or spec.baseline).to(device).eval()
         with torch.inference_mode():
             model(images)
     del model
@@ -277,8 +354,9 @@ def training_memory(spec: BenchSpec, name: str, device: torch.device) -> dict:
     peak = measure.peak_bytes(device) - baseline
 
     # Exact counts, after the peak was read so they cannot disturb it.
-    vit = host(model)
-    saved = measure.saved_tensor_bytes(lambda: F.cross_entropy(model(images), labels), model=vit)
+    vit = bench_host(model)
+    saved = measure.saved_tensor_bytes(lambda: F.cross_entropy(model(images), labels), model=vit,
+                                       exclude=[*model.parameters(), *model.buffers()])
     flops = measure.count_flops(lambda: train_step(model, optimizer, images, labels))
     counts = count_params(model)
     return {
@@ -289,8 +367,9 @@ def training_memory(spec: BenchSpec, name: str, device: torch.device) -> dict:
         "trainable_params": counts.trainable, "total_params": counts.total,
         "train_flops_per_step": flops,
         "fwd_gmacs_per_image": measure.fwd_gmacs_per_image(model, size, device=device, in_chans=3),
-        "tokens": [list(t) for t in tokens_per_block(model, images[:1])],
+        "tokens": [list(t) for t in tokens_per_block(vit if isinstance(model, TaskStep) else model, images[:1])],
         "img_size": size,
+        "moe_params": sum(p.numel() for layer in moe_layers(vit) for p in layer.parameters()),
     }
 
 
@@ -302,7 +381,7 @@ def memory_record(spec: BenchSpec, name: str) -> dict:
     apply_mmap_threshold(spec)
     if method_config(spec, name)[0] == "lora":
         import peft  # noqa: F401  (imported here, not inside the window: its ~80 MB of modules are not training)
-    infer = inference_peak(spec, device)
+    infer = inference_peak(spec, device, name)
     return {"method": name, "infer_peak_bytes": infer, **training_memory(spec, name, device)}
 
 
@@ -369,6 +448,8 @@ def analytic_fields(spec: BenchSpec, name: str, tokens: list) -> dict:
     from .analytic import ACT_BYTES, analytic_memory_bytes, method_memory_bytes
 
     method, config = method_config(spec, name)
+    if spec.moe:  # the formula knows dense ViTs only
+        return {"analytic_memory_bytes": None, "analytic": None}
     model = meta_model(spec)
     depth = len(model.blocks)
     if method in ("full", "tokendrop"):
@@ -432,14 +513,16 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def add_ratios(records: list[dict]) -> None:
-    """Ratios full/method of memory, time and FLOPs, from the `full` record of the same run (None without one)."""
-    full = next((r for r in records if r["method"] == "full"), None)
+def add_ratios(records: list[dict], baseline: str = "full") -> None:
+    """Ratios baseline/method of memory, time and FLOPs (`ratio_vs_baseline`, and the `baseline` method's name), from
+    the baseline record of the same run (None without one): `full`, or `moe-full` for the multi-task run."""
+    base = next((r for r in records if r["method"] == baseline), None)
     keys = {"train_peak": "train_peak_bytes", "saved_activation": "saved_activation_bytes",
             "step_time": "step_time_median_s", "flops": "train_flops_per_step"}
     for r in records:
-        r["ratio_vs_full"] = {k: (full[key] / r[key] if full is not None and r[key] else None)
-                              for k, key in keys.items()}
+        r["baseline"] = baseline
+        r["ratio_vs_baseline"] = {k: (base[key] / r[key] if base is not None and r[key] else None)
+                                  for k, key in keys.items()}
         r["train_over_infer_peak"] = r["train_peak_bytes"] / r["infer_peak_bytes"] if r["infer_peak_bytes"] else None
 
 
@@ -477,10 +560,12 @@ def run_bench(spec: BenchSpec, *, command: Optional[str] = None, isolate: bool =
         log(f"memory: {name}: train peak {record['train_peak_bytes'] / MIB:,.0f} MiB, infer peak "
             f"{record['infer_peak_bytes'] / MIB:,.0f} MiB, saved {record['saved_activation_bytes'] / MIB:,.0f} MiB "
             f"({time.perf_counter() - t0:.0f} s)")
-        _, config = method_config(spec, name)
-        uses_bsr = name in ("bsr", LEAN, "tokendrop")
+        method, config = method_config(spec, name)
+        uses_bsr = method in ("bsr", "tokendrop")
+        moe = {"tasks": spec.num_tasks, "task": MOE_TASK, "experts": spec.moe_experts, "top_k": spec.moe_top_k,
+               "has_moe_layers": MOE_METHODS[name][1]} if spec.moe else None
         records.append({"method": name, "model": spec.model, "batch_size": spec.batch_size,
-                        "optimizer": spec.optimizer, **record,
+                        "optimizer": spec.optimizer, "multitask": moe, **record,
                         "bsr_config": config.to_dict() if uses_bsr else None,
                         **analytic_fields(spec, name, record["tokens"])})
 
@@ -492,8 +577,8 @@ def run_bench(spec: BenchSpec, *, command: Optional[str] = None, isolate: bool =
         r["achieved_gflops"] = r["train_flops_per_step"] / r["step_time_median_s"] / 1e9
         r["matmul_gflops"] = matmul
         r.update(env)
-    add_ratios(records)
-    meta = {"spec": spec.to_dict(), "command": command, "started": started,
+    add_ratios(records, spec.baseline)
+    meta = {"baseline": spec.baseline, "spec": spec.to_dict(), "command": command, "started": started,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "matmul_gflops": matmul, "matmul_gflops_per_round": gflops, **env}
     return BenchResult(records=records, meta=meta)

@@ -24,7 +24,8 @@ def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="memory, FLOPs and time of every method side by side",
                        description="Benchmark fine-tuning methods on one model: memory per method in a fresh "
                                    "process, time round-robin in one process; writes bench.json, bench.md and "
-                                   "bench.png into --out. bsr-lean is bsr with the lean preset.")
+                                   "bench.png into --out. bsr-lean is bsr with the lean preset. --moe benchmarks "
+                                   "the multi-task Mixture-of-Experts ViT instead (ratios against moe-full).")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/bench-<model>)")
     p.add_argument("--compare-analytic", action="store_true",
                    help="print (and add to bench.md) the authors' formula against the measured figures, and why")
@@ -42,6 +43,9 @@ def command_line(spec: BenchSpec, out: Path, compare: bool) -> str:
     for f in fields(spec):
         value = getattr(spec, f.name)
         if f.name == "bsr" or value is None:
+            continue
+        if isinstance(value, bool):  # a --flag/--no-flag switch
+            words.append("--" + ("" if value else "no-") + f.name.replace("_", "-"))
             continue
         words += ["--" + f.name.replace("_", "-"), ",".join(value) if isinstance(value, list) else str(value)]
     for key, value in spec.bsr.items():
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     spec = BenchSpec.from_dict(flags_to_values(args, ignore=_OWN_FLAGS))
     spec.check()
-    out = Path(args.out or f"runs/bench-{spec.model}")
+    out = Path(args.out or f"runs/bench-{spec.model}{'-moe' if spec.moe else ''}")
     command = command_line(spec, out, args.compare_analytic)
     result = run_bench(spec, command=command, isolate=not args.in_process, log=_log)
     paths = write_outputs(result, out, compare=args.compare_analytic)

@@ -13,7 +13,7 @@ from typing import Optional
 from .bench import BenchResult
 
 MIB = 2 ** 20
-HIGHLIGHT = ("bsr", "bsr-lean")
+HIGHLIGHT = ("bsr", "bsr-lean", "moe-bsr", "moe-bsr-lean")
 
 
 def _mib(nbytes: Optional[float]) -> str:
@@ -24,6 +24,16 @@ def _ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def baseline_of(records: list[dict]) -> str:
+    """The method the ratios divide (`full`, or `moe-full` in a multi-task run; older records: `full`)."""
+    return records[0].get("baseline", "full") if records else "full"
+
+
+def _ratios(r: dict) -> dict:
+    """baseline/method ratios of a record (`ratio_vs_full` in records written before the baseline was named)."""
+    return r["ratio_vs_baseline"] if "ratio_vs_baseline" in r else r["ratio_vs_full"]
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A markdown table: first column left-aligned, the figures right-aligned."""
     return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),
@@ -31,12 +41,13 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def memory_table(records: list[dict]) -> list[str]:
-    """Measured memory per method (MiB) with full/method ratios, and the analytic figure beside it."""
-    header = ["method", "trainable params", "params MiB", "grads MiB", "optimizer MiB", "saved MiB", "full/x",
-              "train peak MiB", "full/x", "infer peak MiB", "train/infer", "analytic MiB"]
+    """Measured memory per method (MiB) with baseline/method ratios, and the analytic figure beside it."""
+    per = f"{baseline_of(records)}/x"
+    header = ["method", "trainable params", "params MiB", "grads MiB", "optimizer MiB", "saved MiB", per,
+              "train peak MiB", per, "infer peak MiB", "train/infer", "analytic MiB"]
     rows = []
     for r in records:
-        ratio = r["ratio_vs_full"]
+        ratio = _ratios(r)
         rows.append([f"**{r['method']}**" if r["method"] in HIGHLIGHT else r["method"],
                      f"{r['trainable_params']:,} / {r['total_params']:,}", _mib(r["param_bytes"]),
                      _mib(r["grad_bytes"]), _mib(r["optimizer_bytes"]), _mib(r["saved_activation_bytes"]),
@@ -47,12 +58,13 @@ def memory_table(records: list[dict]) -> list[str]:
 
 
 def compute_table(records: list[dict]) -> list[str]:
-    """FLOPs, forward GMACs and median step time per method, with full/method ratios and achieved GFLOP/s."""
-    header = ["method", "train GFLOP/step", "full/x", "fwd GMACs/img", "step s (median)", "full/x", "steps s",
+    """FLOPs, forward GMACs and median step time per method, with baseline/method ratios and achieved GFLOP/s."""
+    per = f"{baseline_of(records)}/x"
+    header = ["method", "train GFLOP/step", per, "fwd GMACs/img", "step s (median)", per, "steps s",
               "achieved GFLOP/s", "matmul GFLOP/s"]
     rows = []
     for r in records:
-        ratio = r["ratio_vs_full"]
+        ratio = _ratios(r)
         rows.append([f"**{r['method']}**" if r["method"] in HIGHLIGHT else r["method"],
                      f"{r['train_flops_per_step'] / 1e9:,.1f}", _ratio(ratio["flops"]),
                      f"{r['fwd_gmacs_per_image']:.2f}", f"{r['step_time_median_s']:.3f}", _ratio(ratio["step_time"]),
@@ -74,6 +86,18 @@ def saved_by_block_table(records: list[dict]) -> list[str]:
     return _table(["part", *(r["method"] for r in records)], rows)
 
 
+def _multitask_lines(spec: dict) -> list[str]:
+    """What a multi-task (`--moe`) run measured, for the header of `bench.md`; nothing for a single-task run."""
+    if not spec.get("moe"):
+        return []
+    return [f"- multi-task: {spec['num_tasks']} tasks of {spec['num_classes']} classes (one head, and one gate per "
+            f"MoE layer, per task); MoE layers at blocks 3, 7, 11 with {spec['moe_experts']} experts, top-"
+            f"{spec['moe_top_k']}, router noise on; each measured step is one batch of task 0 (forward on its head, "
+            f"cross-entropy, backward, optimizer step); moe-full: the MoE model trained in full without dropping; "
+            f"moe-bsr(-lean): `reprogram_multitask` (MoE blocks trained, dropping at 3, 6, 9); dense-full: the "
+            f"dense multi-task ViT trained in full"]
+
+
 def _tokens(counts: list) -> str:
     """`0-2: 197/197, 3: 197/100, ...` (attention/MLP tokens, runs of equal blocks merged)."""
     from .methods import format_tokens
@@ -85,9 +109,9 @@ def render_markdown(result: BenchResult, compare: bool = False) -> str:
     """The whole `bench.md`: run header, memory and compute tables, saved bytes per block, tokens, environment."""
     meta, records = result.meta, result.records
     spec, machine, versions = meta["spec"], meta["machine"], meta["versions"]
-    first = records[0]
-    lines = [f"# bsr bench: {spec['model']}, {first['img_size']} px, batch {spec['batch_size']}, "
-             f"{spec['optimizer']}", "",
+    first, baseline = records[0], baseline_of(records)
+    lines = [f"# bsr bench{' --moe' if spec.get('moe') else ''}: {spec['model']}, {first['img_size']} px, "
+             f"batch {spec['batch_size']}, {spec['optimizer']}", "",
              f"- command: `{meta['command'] or '(library call)'}`",
              f"- date: {meta['started']} to {meta['finished']} (UTC)",
              f"- machine: {machine['cpu']}, {machine['cores']} cores, torch threads {machine['torch_threads']}, "
@@ -101,7 +125,9 @@ def render_markdown(result: BenchResult, compare: bool = False) -> str:
              "- glibc mmap threshold: "
              + (f"fixed at {spec['mmap_threshold']:,} bytes (peak RSS tracks live tensors)"
                 if spec.get("mmap_threshold") else "glibc's default (dynamic; its heap may keep freed activations)"),
-             "- ratios are full/method from this run (higher is better for the method)", "",
+             *_multitask_lines(spec),
+             f"- ratios are {baseline}/method from this run, baseline **{baseline}** (higher is better for the "
+             f"method)", "",
              "## Memory", "", *memory_table(records), "",
              "## Compute and time", "", *compute_table(records), "",
              "## Saved for backward, MiB per part", "", *saved_by_block_table(records), "",
@@ -184,17 +210,22 @@ def plot(result: BenchResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    baseline = baseline_of(result.records)
     for r in result.records:
         highlight = r["method"] in HIGHLIGHT
         x, y = r["step_time_median_s"], r["train_peak_bytes"] / MIB
         ax.scatter([x], [y], s=90 if highlight else 40, color="tab:red" if highlight else "tab:blue",
                    zorder=3 if highlight else 2)
-        ax.annotate(r["method"], (x, y), textcoords="offset points", xytext=(6, 4),
+        ratio = _ratios(r)["train_peak"]
+        label = r["method"] + (f" ({ratio:.2f}x)" if ratio is not None and r["method"] != baseline else "")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4),
                     fontweight="bold" if highlight else "normal")
     spec, first = result.meta["spec"], result.records[0]
     ax.set_xlabel("median training step time (s)")
-    ax.set_ylabel("training peak memory above baseline (MiB)")
-    ax.set_title(f"{spec['model']}, {first['img_size']} px, batch {spec['batch_size']}, {spec['optimizer']}")
+    ax.set_ylabel("training peak memory above the pre-build RSS (MiB)")
+    title = f"{spec['model']}{' MoE multi-task' if spec.get('moe') else ''}, {first['img_size']} px, " \
+            f"batch {spec['batch_size']}, {spec['optimizer']}"
+    ax.set_title(f"{title}\n(x): train peak {baseline}/method", fontsize=10)
     # Room on the right and top for the labels of the slowest and largest methods.
     ax.set_xlim(0, 1.15 * max(r["step_time_median_s"] for r in result.records))
     ax.set_ylim(0, 1.1 * max(r["train_peak_bytes"] for r in result.records) / MIB)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shlex
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -26,8 +27,9 @@ RECORD_FIELDS = {
     "optimizer_bytes": int, "trainable_params": int, "total_params": int, "train_peak_bytes": int,
     "train_resident_bytes": int, "infer_peak_bytes": int, "peak_resettable": bool, "train_flops_per_step": int,
     "fwd_gmacs_per_image": float, "step_time_median_s": float, "step_times_s": list, "achieved_gflops": float,
-    "matmul_gflops": float, "tokens": list, "analytic_memory_bytes": int, "analytic": dict, "ratio_vs_full": dict,
-    "train_over_infer_peak": float, "versions": dict, "machine": dict,
+    "matmul_gflops": float, "tokens": list, "analytic_memory_bytes": int, "analytic": dict,
+    "ratio_vs_baseline": dict, "baseline": str, "train_over_infer_peak": float, "versions": dict, "machine": dict,
+    "moe_params": int,
 }
 
 
@@ -69,8 +71,8 @@ def test_sizes_are_exact_and_figures_sane(records):
 
 def test_ratios_come_from_the_same_run(result, records):
     full, bsr = records["full"], records["bsr"]
-    assert full["ratio_vs_full"] == {"train_peak": 1.0, "saved_activation": 1.0, "step_time": 1.0, "flops": 1.0}
-    ratio = bsr["ratio_vs_full"]
+    assert full["ratio_vs_baseline"] == {"train_peak": 1.0, "saved_activation": 1.0, "step_time": 1.0, "flops": 1.0}
+    ratio = bsr["ratio_vs_baseline"]
     assert ratio["step_time"] == full["step_time_median_s"] / bsr["step_time_median_s"]
     assert ratio["train_peak"] == full["train_peak_bytes"] / bsr["train_peak_bytes"]
     assert ratio["flops"] == full["train_flops_per_step"] / bsr["train_flops_per_step"]
@@ -140,6 +142,95 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
 
 def test_markdown_renders_without_full(result):
     """A run without `full` has no ratios; the table shows '-' rather than failing."""
-    only_bsr = type(result)(records=[dict(r, ratio_vs_full={k: None for k in r["ratio_vs_full"]})
+    only_bsr = type(result)(records=[dict(r, ratio_vs_baseline={k: None for k in r["ratio_vs_baseline"]})
                                      for r in result.records if r["method"] == "bsr"], meta=result.meta)
     assert "| **bsr** |" in render_markdown(only_bsr)
+
+
+# ------------------------------------------------------------------------------------------------- --moe
+
+# The multi-task MoE bench on the tiny ViT: 2 tasks, 4 experts top-2 at blocks 3, 7, 11. Memory in this process
+# (the fresh-process path is the same code, tested above), so the four methods take a few seconds.
+TINY_MOE = BenchSpec(model="vit_micro_patch4_28", img_size=16, batch_size=4, moe=True, num_tasks=2, moe_experts=4,
+                     moe_top_k=2, steps=1, warmup=1, threads=1, matmul_size=128)
+MOE_FIELDS = {**{k: v for k, v in RECORD_FIELDS.items() if k not in ("analytic_memory_bytes", "analytic")},
+              "multitask": dict}
+
+
+@pytest.fixture(scope="module")
+def moe_result():
+    return run_bench(TINY_MOE, command="bsr bench --moe (test)", isolate=False)
+
+
+def test_moe_methods_are_the_default_and_baseline_is_moe_full():
+    assert TINY_MOE.methods == ["moe-full", "moe-bsr", "moe-bsr-lean", "dense-full"]
+    assert TINY_MOE.baseline == "moe-full" and TINY.baseline == "full"
+    assert BenchSpec().methods[0] == "full"
+
+
+def test_moe_records_have_every_field_and_ratios_vs_moe_full(moe_result):
+    records = {r["method"]: r for r in moe_result.records}
+    assert list(records) == TINY_MOE.methods and moe_result.meta["baseline"] == "moe-full"
+    for r in records.values():
+        for key, tp in MOE_FIELDS.items():
+            assert isinstance(r[key], tp), f"{r['method']}.{key} = {r[key]!r}"
+        assert r["analytic"] is None and r["baseline"] == "moe-full"
+        assert r["multitask"]["tasks"] == 2 and r["multitask"]["experts"] == 4 and r["multitask"]["task"] == 0
+    base, bsr, lean, dense = (records[m] for m in TINY_MOE.methods)
+    assert base["ratio_vs_baseline"] == {"train_peak": 1.0, "saved_activation": 1.0, "step_time": 1.0, "flops": 1.0}
+    for r in (bsr, lean, dense):
+        ratio = r["ratio_vs_baseline"]
+        assert ratio["train_peak"] == base["train_peak_bytes"] / r["train_peak_bytes"]
+        assert ratio["flops"] == base["train_flops_per_step"] / r["train_flops_per_step"]
+        assert ratio["step_time"] == base["step_time_median_s"] / r["step_time_median_s"]
+
+    # Sizes: 3 MoE layers of 4 experts (w1, b1, w2, b2 of width 96, hidden 384) and 2 gates each; dense has none.
+    expert = 96 * 384 * 2 + 384 + 96
+    assert base["moe_params"] == bsr["moe_params"] == 3 * (4 * expert + 2 * (96 * 4 + 4)) and dense["moe_params"] == 0
+    assert base["total_params"] - dense["total_params"] == 3 * (3 * expert + 2 * (96 * 4 + 4))
+    assert base["trainable_params"] == base["total_params"] and dense["trainable_params"] == dense["total_params"]
+    assert bsr["trainable_params"] == lean["trainable_params"] < base["trainable_params"]
+    assert bsr["grad_bytes"] == 4 * bsr["trainable_params"]
+    assert lean["param_bytes"] < bsr["param_bytes"] == base["param_bytes"]  # frozen Linears in bf16
+    # BSR: dropping at 3, 6, 9 and far fewer FLOPs and saved bytes; lean recomputes, so it saves least.
+    assert base["tokens"] == [[17, 17]] * 12 and bsr["tokens"][3] == [17, 10] and bsr["tokens"][-1] == [5, 5]
+    assert bsr["train_flops_per_step"] < base["train_flops_per_step"]
+    assert lean["saved_activation_bytes"] < bsr["saved_activation_bytes"] < base["saved_activation_bytes"]
+    # top-2 of 4 experts: the MoE model does twice the MLP work of the dense one at the MoE blocks.
+    assert dense["train_flops_per_step"] < base["train_flops_per_step"]
+    assert bsr["bsr_config"]["trainable_blocks"] == [3, 7, 11] and lean["bsr_config"]["recompute"] != "none"
+    assert base["bsr_config"] is None and dense["multitask"]["has_moe_layers"] is False
+
+
+def test_moe_report_names_the_baseline(moe_result, tmp_path):
+    paths = write_outputs(moe_result, tmp_path / "moe")
+    markdown = paths["md"].read_text()
+    for needle in ("bsr bench --moe", "baseline **moe-full**", "moe-full/x", "| **moe-bsr-lean** |",
+                   "| dense-full |", "2 tasks of 10 classes"):
+        assert needle in markdown
+    assert "full/x |" not in markdown.replace("moe-full/x |", "")
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_moe_command_line_round_trips():
+    from bsr.bench_cli import command_line
+
+    words = shlex.split(command_line(TINY_MOE, Path("out"), False))
+    assert "--moe" in words and words[words.index("--moe-top-k") + 1] == "2"
+    args = build_parser().parse_args(words[1:])
+    again = BenchSpec.from_dict(flags_to_values(args, ignore=("command", "run", "out", "compare_analytic",
+                                                               "in_process")))
+    assert again.to_dict() == TINY_MOE.to_dict()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--moe", "--methods", "moe-full,bsr"], "unknown method 'bsr'"),
+    (["--methods", "moe-bsr"], "or --moe for the multi-task methods"),
+    (["--moe", "--num-tasks", "0"], "num_tasks=0 must be at least 1"),
+    (["--moe", "--moe-experts", "4", "--moe-top-k", "5"], "moe_top_k=5 with 4 experts"),
+    (["--moe", "--model", "test_vit"], "moe_blocks"),  # 6 blocks: no block 7 or 11 for the MoE layers
+])
+def test_bad_moe_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path):
+    assert main(["bench", "--model", "vit_micro_patch4_28", *argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
