@@ -172,9 +172,16 @@ def _add_bench(sub) -> None:
     add_bench_parser(sub)
 
 
+def _add_study(sub) -> None:
+    from .study_cli import add_show_tokens_parser, add_study_parser
+
+    add_study_parser(sub)
+    add_show_tokens_parser(sub)
+
+
 # Subcommands in help order, each one (name, adder) pair.
 SUBCOMMANDS: list[tuple[str, Callable]] = [("train", _add_train), ("eval", _add_eval), ("export", _add_export),
-                                           ("bench", _add_bench)]
+                                           ("bench", _add_bench), ("study", _add_study)]
 
 
 def build_parser() -> argparse.ArgumentParser:
