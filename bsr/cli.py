@@ -144,7 +144,10 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     r = evaluate_run(args.run_dir, dataset=args.dataset, data_dir=args.data_dir, limit=args.limit,
                      device=args.device, batch_size=args.batch_size)
-    print(f"top-1 {r['top1']:.2f}% on {r['dataset']} test ({r['images']} images, method {r['method']})")
+    mean = " (mean over tasks)" if "tasks" in r else ""
+    print(f"top-1 {r['top1']:.2f}%{mean} on {r['dataset']} test ({r['images']} images, method {r['method']})")
+    for name, acc in r.get("tasks", {}).items():
+        print(f"  {name:<16} {acc:.2f}%")
     return 0
 
 

@@ -345,6 +345,15 @@ class MultiTaskViT(nn.Module):
     def num_tasks(self) -> int:
         return len(self.heads)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names weight decay must skip (timm's convention): the backbone's (pos_embed, cls_token, ...)
+        and the experts' stacked biases, which are 2-D and would otherwise look like weights."""
+        names = {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
+        for name, module in self.backbone.named_modules():
+            if isinstance(module, MoEMlp):
+                names |= {f"backbone.{name}.{b}" for b in ("b1", "b2") if getattr(module, b) is not None}
+        return names
+
     def forward(self, images: Tensor, task: int) -> Tensor:
         """images: (B, 3, H, W) -> logits (B, num_classes_per_task[task])."""
         if not 0 <= task < self.num_tasks:

@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 import types
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
@@ -89,6 +89,19 @@ class TrainConfig:
     last_k: int = _f(3, "blocks trained by --method last-k")
     lora_rank: int = _f(8, "LoRA rank (--method lora)")
     lora_alpha: int = _f(16, "LoRA alpha (--method lora)")
+    # multi-task (SPEC section 5)
+    tasks: Optional[list[str]] = _f(None, "train these datasets together, e.g. fashion-mnist,digits-embedded,"
+                                          "sklearn-digits: shared backbone, one head per task, each step one batch "
+                                          "(forward, backward, optimizer step) of every task in turn; replaces "
+                                          "--dataset")
+    moe: bool = _f(True, "multi-task: the MLPs of --moe-blocks become task-routed mixtures of experts (--no-moe: a "
+                         "dense multi-task ViT)")
+    moe_blocks: Union[str, list[int], None] = _f(None, "multi-task: blocks whose MLP becomes a mixture of experts, "
+                                                       "e.g. 3,7,11 (none: the BSR trainable blocks)")
+    moe_experts: int = _f(16, "multi-task: experts per MoE layer")
+    moe_top_k: int = _f(4, "multi-task: experts each token is routed to")
+    moe_aux_loss: float = _f(0.0, "multi-task: weight of the load-balancing loss (0: off)")
+    moe_router_noise: float = _f(1.0, "multi-task: std of the noise added to router logits in training")
     # optimisation
     recipe: Optional[str] = _f(None, f"paper recipe whose values replace the defaults: {', '.join(RECIPE_NAMES)}")
     optimizer: str = _f("adamw", "sgd or adamw")
@@ -134,7 +147,7 @@ class TrainConfig:
                 raise BSRError(f"{name}={getattr(self, name)!r} is not valid; use one of {', '.join(allowed)}")
         if self.recipe is not None and self.recipe not in RECIPE_NAMES:
             raise BSRError(f"recipe={self.recipe!r} is unknown; use one of {', '.join(RECIPE_NAMES)}")
-        positive = ("batch_size", "epochs", "log_every", "lora_rank", "last_k")
+        positive = ("batch_size", "epochs", "log_every", "lora_rank", "last_k", "moe_experts", "moe_top_k")
         optional_positive = ("img_size", "patch_size", "num_classes", "limit", "steps", "clip_grad", "layer_decay",
                              "threads")
         for name in positive + optional_positive:
@@ -142,7 +155,7 @@ class TrainConfig:
             if value is not None and value <= 0:
                 raise BSRError(f"{name}={value} must be positive")
         for name in ("lr", "min_lr", "weight_decay", "warmup_steps", "warmup_epochs", "eval_every", "workers",
-                     "label_smoothing", "momentum"):
+                     "label_smoothing", "momentum", "moe_aux_loss", "moe_router_noise"):
             if getattr(self, name) < 0:
                 raise BSRError(f"{name}={getattr(self, name)} must not be negative")
         if self.rrc_scale is not None and (len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1]
@@ -151,6 +164,28 @@ class TrainConfig:
         for name in ("mean", "std"):
             if len(getattr(self, name)) != 3:
                 raise BSRError(f"{name}={getattr(self, name)} must have 3 values (R,G,B)")
+        if self.tasks is not None:
+            self._check_tasks()
+
+    def _check_tasks(self) -> None:
+        if not self.tasks:
+            raise BSRError("tasks is empty; name two or more datasets, e.g. --tasks fashion-mnist,sklearn-digits")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise BSRError(f"tasks={','.join(self.tasks)} names a dataset twice; list each once")
+        if self.method == "lora":
+            raise BSRError("method=lora is not supported with --tasks (peft does not wrap the multi-task model); "
+                           "use bsr, full, head, bitfit, last-k or tokendrop")
+        for name in ("num_classes", "layer_decay"):
+            if getattr(self, name) is not None:
+                raise BSRError(f"{name} does not apply to multi-task runs (--tasks); drop it")
+        if self.moe_top_k > self.moe_experts:
+            raise BSRError(f"moe_top_k={self.moe_top_k} is more than moe_experts={self.moe_experts}; use "
+                           f"1 <= moe_top_k <= moe_experts")
+
+    @property
+    def task_names(self) -> list[str]:
+        """The datasets trained: `tasks`, or just `dataset` in a single-task run."""
+        return list(self.tasks) if self.tasks else [self.dataset]
 
     def to_dict(self) -> dict:
         return {**asdict(self), "bsr": self.bsr.to_dict()}
@@ -466,7 +501,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     if cfg.layer_decay is not None:
         groups = param_groups_layer_decay(vit, cfg.weight_decay, skip, layer_decay=cfg.layer_decay)
     else:
-        groups = param_groups_weight_decay(vit, cfg.weight_decay, skip)
+        groups = param_groups_weight_decay(vit, cfg.weight_decay, no_weight_decay_list=skip)
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise BSRError(f"method={cfg.method!r} leaves nothing to train")
@@ -477,15 +512,16 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, cfg: TrainConfig,
-             group: Optional[Group] = None) -> float:
-    """Top-1 accuracy (%) of `model` over `loader`; in a group, over the union of the ranks' loaders."""
+             group: Optional[Group] = None, task: Optional[int] = None) -> float:
+    """Top-1 accuracy (%) of `model` over `loader`; in a group, over the union of the ranks' loaders. `task`: the
+    head of a multi-task model to evaluate."""
     was_training = model.training
     model.eval()
     correct = total = 0
     for images, labels in loader:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(cfg, device):
-            logits = model(images)
+            logits = model(images) if task is None else model(images, task)
         correct += (logits.argmax(-1) == labels).sum().item()
         total += labels.numel()
     model.train(was_training)
@@ -594,19 +630,52 @@ def default_out(cfg: TrainConfig) -> str:
 # ------------------------------------------------------------------------------------------------- training
 
 
-def setup_model(cfg: TrainConfig, device: torch.device, num_classes: int) -> nn.Module:
-    """Build, load base weights, apply the method; seeded so new parameters (head, LoRA) are reproducible."""
+def setup_model(cfg: TrainConfig, device: torch.device, num_classes: Optional[int] = None) -> nn.Module:
+    """Build, load base weights, apply the method; seeded so new parameters (head, LoRA) are reproducible.
+
+    With `cfg.tasks`: a `bsr.moe.MultiTaskViT` (see `build_multitask_model`). Otherwise the timm model with a head of
+    `num_classes` (default: `cfg.num_classes`, else the dataset's).
+    """
+    from .data import dataset_info
+
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, num_classes)
-    model = apply_method(model, cfg.method, bsr=cfg.bsr, last_k=cfg.last_k, lora_rank=cfg.lora_rank,
-                         lora_alpha=cfg.lora_alpha)
+    if cfg.tasks:
+        model = build_multitask_model(cfg)
+    else:
+        model = build_model(cfg, num_classes or cfg.num_classes or dataset_info(cfg.dataset).num_classes)
+        model = apply_method(model, cfg.method, bsr=cfg.bsr, last_k=cfg.last_k, lora_rank=cfg.lora_rank,
+                             lora_alpha=cfg.lora_alpha)
     if cfg.grad_checkpointing:
-        host(model).set_grad_checkpointing(True)
+        backbone(model).set_grad_checkpointing(True)
     return model.to(device)
 
 
+def build_multitask_model(cfg: TrainConfig) -> nn.Module:
+    """The multi-task model of `cfg` (SPEC section 5): the base ViT without its head, its MLPs at `moe_blocks` (default
+    the BSR trainable blocks) turned into MoE layers with one gate per task (unless `moe` is off), one linear head per
+    task, and the method applied to the backbone; the task heads always train."""
+    from .data import dataset_info
+    from .moe import MultiTaskViT, moeify
+
+    vit = build_model(cfg, num_classes=0)
+    if cfg.moe:
+        blocks = cfg.moe_blocks if cfg.moe_blocks is not None else cfg.bsr.resolve(len(vit.blocks)).trainable_blocks
+        moeify(vit, blocks, cfg.moe_experts, cfg.moe_top_k, len(cfg.tasks), cfg.moe_aux_loss, cfg.moe_router_noise)
+    model = MultiTaskViT(vit, [dataset_info(name).num_classes for name in cfg.tasks])
+    apply_method(model.backbone, cfg.method, bsr=cfg.bsr, last_k=cfg.last_k)
+    model.heads.requires_grad_(True)
+    return model
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The timm ViT inside `model`: a multi-task model's backbone, a peft model's base model, or `model`."""
+    from .moe import MultiTaskViT
+
+    return model.backbone if isinstance(model, MultiTaskViT) else host(model)
+
+
 def image_size(model: nn.Module) -> int:
-    return int(host(model).patch_embed.img_size[0])
+    return int(backbone(model).patch_embed.img_size[0])
 
 
 def train(cfg: TrainConfig, resume: Optional[str | Path] = None, progress: bool = True) -> dict:
@@ -618,9 +687,50 @@ def train(cfg: TrainConfig, resume: Optional[str | Path] = None, progress: bool 
         return train_in_group(cfg, group, resume, progress)
 
 
+@dataclass
+class Task:
+    """One dataset of a run: its data, its head (`index` into a multi-task model's heads; None: single-task) and its
+    endless training batches (`items` is None when only the test set was built)."""
+
+    name: str
+    index: Optional[int]
+    items: Optional[SeededItems]
+    test_set: Dataset
+    steps_per_epoch: int = 0
+    batches: Any = None
+
+    def start(self, cfg: TrainConfig, group: Group, step: int) -> None:
+        """Batches from global step `step` on: in a multi-task run every step takes one batch of every task, so
+        each task has consumed `step` batches of its own seeded epochs."""
+        self.batches = iterate_batches(self.items, cfg, group, step, self.steps_per_epoch)
+
+
+def build_tasks(cfg: TrainConfig, img_size: int, train: bool = True) -> list[Task]:
+    """The `Task`s of `cfg`: one per `--tasks` dataset, or the single `--dataset`. With `train`, refuses a training
+    set smaller than a batch."""
+    multi = bool(cfg.tasks)
+    tasks = []
+    for index, name in enumerate(cfg.task_names):
+        train_set, test_set = build_data(replace(cfg, dataset=name) if multi else cfg, img_size, train=train)
+        task = Task(name, index if multi else None, None, test_set)
+        if train:
+            task.items = SeededItems(train_set, cfg.seed)
+            task.steps_per_epoch = len(task.items) // cfg.batch_size
+            if task.steps_per_epoch == 0:
+                raise BSRError(f"the training set of {name} has {len(task.items)} images, fewer than "
+                               f"batch_size={cfg.batch_size}")
+        tasks.append(task)
+    return tasks
+
+
 def train_in_group(cfg: TrainConfig, dp: Group, resume: Optional[str | Path] = None, progress: bool = True) -> dict:
-    """`train` as one rank of `dp` (a single-process `Group` trains alone); returns the report on every rank."""
-    from .data import dataset_info
+    """`train` as one rank of `dp` (a single-process `Group` trains alone); returns the report on every rank.
+
+    A step takes one batch of each task in turn, each with its own forward, backward and optimizer step (one task in a
+    single-task run). An epoch is a pass over the largest task's training set; smaller tasks cycle their own
+    seeded epochs faster.
+    """
+    from .moe import moe_aux_loss, set_moe_task
 
     device = dp.device
     if cfg.batch_size % dp.world_size:
@@ -635,14 +745,11 @@ def train_in_group(cfg: TrainConfig, dp: Group, resume: Optional[str | Path] = N
     files.check(resuming=saved is not None)
 
     # Everything that can fail on bad input happens before the first file is written.
-    num_classes = cfg.num_classes or dataset_info(cfg.dataset).num_classes
-    model = setup_model(cfg, device, num_classes)
-    train_set, test_set = build_data(cfg, image_size(model))
+    model = setup_model(cfg, device)
+    tasks = build_tasks(cfg, image_size(model))
+    tests = [test_loader(t.test_set, cfg, device, dp) for t in tasks]
     files.prepare(cfg)
-    items = SeededItems(train_set, cfg.seed)
-    steps_per_epoch = len(items) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise BSRError(f"the training set has {len(items)} images, fewer than batch_size={cfg.batch_size}")
+    steps_per_epoch = max(task.steps_per_epoch for task in tasks)
     total_steps = cfg.steps or cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_steps + round(cfg.warmup_epochs * steps_per_epoch)
     eval_every = cfg.eval_every or steps_per_epoch
@@ -650,76 +757,101 @@ def train_in_group(cfg: TrainConfig, dp: Group, resume: Optional[str | Path] = N
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     params = count_params(model)
-    tests = test_loader(test_set, cfg, device, dp)
 
-    step, best, history = 0, 0.0, {"acc": None, "best_step": 0}
+    step, best, history = 0, 0.0, {"acc": None, "best_step": 0, "tasks": {}}
     if saved is not None:
         step, best, history = restore_state(saved, model, optimizer, scaler, resume)
+        history.setdefault("tasks", {})
         files.truncate_metrics(step)
+    test_set = tasks[0].test_set
     probe = torch.stack([test_set[i][0] for i in range(min(2, len(test_set)))])  # a rank's test slice may be empty
-    tokens = tokens_per_block(model, probe.to(device))
-    net = distributed.wrap(model, dp)  # after freezing: DDP all-reduces only the trainable parameters
+    if tasks[0].index is not None:
+        set_moe_task(backbone(model), 0)
+    tokens = tokens_per_block(backbone(model), probe.to(device))
+    # after freezing: DDP all-reduces only the trainable parameters; a multi-task step leaves the other tasks' heads
+    # and gates without gradient
+    net = distributed.wrap(model, dp, find_unused=len(tasks) > 1)
+    for task in tasks:
+        task.start(cfg, dp, step)
 
     model.train()
     step_times: list[float] = []
     bar = tqdm(total=total_steps, initial=step, disable=not (progress and dp.is_main), dynamic_ncols=True,
                desc=cfg.method)
-    batches = iterate_batches(items, cfg, dp, step, steps_per_epoch)
     ckpt_path = None
     while step < total_steps:
-        images, labels = next(batches)
-        t0 = time.perf_counter()
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
         # schedule: lr is a pure function of the step; timm's layer-decay groups carry their own scale
         lr = lr_at(step, lr=cfg.lr, total_steps=total_steps, warmup_steps=warmup, min_lr=cfg.min_lr,
                    schedule=cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+        logged = {}
+        for task in tasks:
+            images, labels = next(task.batches)
+            t0 = time.perf_counter()
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
-        # forward
-        with autocast(cfg, device):
-            logits = net(images)
-            loss = criterion(logits.float(), labels)
-        # logged values are over the global batch; every rank sees the same loss, so all stop together on NaN
-        loss_value, acc = dp.mean([loss.item(), (logits.argmax(-1) == labels).float().mean().item() * 100])
-        if not math.isfinite(loss_value):
-            bar.close()
-            kept = f"last good checkpoint: {ckpt_path}" if ckpt_path else "no checkpoint was written yet"
-            raise BSRError(f"loss is {loss_value} at step {step}; stopped ({kept}); lower --lr or set --clip-grad")
+            # forward
+            with autocast(cfg, device):
+                logits = net(images) if task.index is None else net(images, task.index)
+                loss = criterion(logits.float(), labels)
+                if task.index is not None and cfg.moe_aux_loss > 0:
+                    loss = loss + moe_aux_loss(model)
+            # logged values are over the global batch; every rank sees the same loss, so all stop together on NaN
+            loss_value, acc = dp.mean([loss.item(), (logits.argmax(-1) == labels).float().mean().item() * 100])
+            if not math.isfinite(loss_value):
+                bar.close()
+                kept = f"last good checkpoint: {ckpt_path}" if ckpt_path else "no checkpoint was written yet"
+                where = f" on task {task.name}" if task.index is not None else ""
+                raise BSRError(f"loss is {loss_value} at step {step}{where}; stopped ({kept}); lower --lr or set "
+                               f"--clip-grad")
 
-        # backward
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+            # backward
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
 
-        # clip (unscale first so the norm is in real units)
-        if cfg.clip_grad is not None:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
+            # clip (unscale first so the norm is in real units)
+            if cfg.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.clip_grad)
 
-        # step
-        scaler.step(optimizer)
-        scaler.update()
+            # step
+            scaler.step(optimizer)
+            scaler.update()
+            step_times.append(time.perf_counter() - t0)
+            logged[task.name] = (loss_value, acc)
         step += 1
-        step_times.append(time.perf_counter() - t0)
 
         # log
+        loss_value, acc = (statistics.fmean(v) for v in zip(*logged.values()))
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.1f}",
                         ips=f"{len(labels) * dp.world_size / step_times[-1]:.0f}", refresh=False)
         if step % cfg.log_every == 0:
-            files.log({"step": step, "epoch": (step - 1) // steps_per_epoch, "lr": lr, "loss": loss_value,
-                       "train_acc": acc, "step_time": step_times[-1]})
+            record = {"step": step, "epoch": (step - 1) // steps_per_epoch, "lr": lr, "loss": loss_value,
+                      "train_acc": acc, "step_time": sum(step_times[-len(tasks):])}
+            if cfg.tasks:
+                record["tasks"] = {name: {"loss": lv, "train_acc": a} for name, (lv, a) in logged.items()}
+            files.log(record)
 
         # evaluate and checkpoint
         if step % eval_every == 0 or step == total_steps:
-            test_acc = evaluate(model, tests, device, cfg, dp)
+            accs = {task.name: evaluate(model, loader, device, cfg, dp, task.index)
+                    for task, loader in zip(tasks, tests)}
+            test_acc = statistics.fmean(accs.values())
             if test_acc > best:
                 best, history["best_step"] = test_acc, step
             history["acc"] = test_acc
-            files.log({"step": step, "epoch": (step - 1) // steps_per_epoch, "test_acc": test_acc, "best_acc": best})
+            for name, value in accs.items():
+                seen = history["tasks"].get(name, {"best": 0.0})
+                history["tasks"][name] = {"final": value, "best": max(seen["best"], value)}
+            record = {"step": step, "epoch": (step - 1) // steps_per_epoch, "test_acc": test_acc, "best_acc": best}
+            if cfg.tasks:
+                record["tasks"] = {name: {"test_acc": value} for name, value in accs.items()}
+            files.log(record)
             if dp.is_main:  # the other ranks hold the same parameters and optimizer state
-                bar.write(f"step {step}/{total_steps}: test top-1 {test_acc:.2f}% (best {best:.2f}%)")
+                per_task = f" [{', '.join(f'{n} {a:.2f}%' for n, a in accs.items())}]" if cfg.tasks else ""
+                bar.write(f"step {step}/{total_steps}: test top-1 {test_acc:.2f}% (best {best:.2f}%){per_task}")
                 save_checkpoint(files.out, model, optimizer, {
                     "config": cfg.to_dict(), "step": step, "epoch": step / steps_per_epoch, "best_acc": best,
                     "history": history, "scheduler": {"total_steps": total_steps, "warmup_steps": warmup},
@@ -729,7 +861,8 @@ def train_in_group(cfg: TrainConfig, dp: Group, resume: Optional[str | Path] = N
 
     report = {
         "accuracy": {"final": history["acc"], "best": best, "best_step": history["best_step"]},
-        "dataset": {"name": cfg.dataset, "train_images": len(items), "test_images": len(test_set)},
+        "dataset": {"name": "+".join(cfg.task_names), "train_images": sum(len(t.items) for t in tasks),
+                    "test_images": sum(len(t.test_set) for t in tasks)},
         "method": cfg.method, "model": cfg.model, "steps": total_steps,
         "params": {"trainable": params.trainable, "total": params.total},
         "tokens_per_block": [{"attn": a, "mlp": m} for a, m in tokens],
@@ -739,6 +872,10 @@ def train_in_group(cfg: TrainConfig, dp: Group, resume: Optional[str | Path] = N
         "data_parallel": data_parallel_record(dp, model),
         "config": cfg.to_dict(), **environment(device),
     }
+    if cfg.tasks:
+        report["accuracy"]["tasks"] = history["tasks"]
+        report["dataset"]["tasks"] = [{"name": t.name, "train_images": len(t.items), "test_images": len(t.test_set)}
+                                      for t in tasks]
     files.report(report)
     return report
 
@@ -788,13 +925,17 @@ def summary_lines(report: dict) -> list[str]:
         step_time = f"{1000 * report['median_step_time_s']:.1f} ms median ({report['images_per_s']:.0f} img/s)"
     lines = [
         f"method {report['method']} on {report['dataset']['name']} ({report['model']}, {report['steps']} steps)",
-        f"  test top-1     final {acc['final']:.2f}%  best {acc['best']:.2f}% (step {acc['best_step']})",
+        f"  test top-1     final {acc['final']:.2f}%  best {acc['best']:.2f}% (step {acc['best_step']})"
+        + (" (mean over tasks)" if "tasks" in acc else ""),
         f"  trainable      {p['trainable']:,} / {p['total']:,} params ({100 * p['trainable'] / p['total']:.1f}%)",
         f"  tokens/block   {format_tokens(tokens)}  (attention/MLP)",
         f"  step time      {step_time}",
         f"  peak memory    {report['peak_memory_mib']:.0f} MiB",
         f"  run dir        {report['config']['out']}",
     ]
+    for name, task_acc in acc.get("tasks", {}).items():
+        lines.insert(2 + list(acc["tasks"]).index(name),
+                     f"    {name:<16} final {task_acc['final']:.2f}%  best {task_acc['best']:.2f}%")
     dp = report["data_parallel"]
     if dp["world_size"] > 1:
         lines.insert(-1, f"  data parallel  {dp['world_size']} processes ({dp['backend']}), "
@@ -817,14 +958,11 @@ def config_of_run(run: str | Path) -> tuple[TrainConfig, tuple[dict, dict]]:
 
 def load_run(run: str | Path, device: torch.device, **overrides) -> tuple[TrainConfig, nn.Module]:
     """Rebuild the trained model of a run: base weights + method + the checkpoint's trained parameters."""
-    from .data import dataset_info
-
     cfg, (tensors, _) = config_of_run(run)
     for key, value in overrides.items():
         if value is not None:
             setattr(cfg, key, value)
-    num_classes = cfg.num_classes or dataset_info(cfg.dataset).num_classes
-    model = setup_model(cfg, device, num_classes)
+    model = setup_model(cfg, device)
     load_trainable(model, tensors, run)
     model.eval()
     return cfg, model
@@ -832,39 +970,49 @@ def load_run(run: str | Path, device: torch.device, **overrides) -> tuple[TrainC
 
 def evaluate_run(run: str | Path, dataset: Optional[str] = None, data_dir: Optional[str] = None,
                  limit: Optional[int] = None, device: str = "auto", batch_size: Optional[int] = None) -> dict:
-    """Top-1 of a run's checkpoint on `dataset` (default: the one it was trained on)."""
-    dev = pick_device(device)
-    cfg, model = load_run(run, dev)
-    num_classes = host(model).num_classes
-    overrides = {"dataset": dataset, "data_dir": data_dir, "limit": limit, "batch_size": batch_size}
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(cfg, key, value)
+    """Top-1 of a run's checkpoint on `dataset` (default: the one it was trained on); a multi-task run is evaluated
+    on each of its tasks (`top1` is their mean, `tasks` the per-task figures)."""
     from .data import dataset_info
 
-    if dataset_info(cfg.dataset).num_classes != num_classes:
+    dev = pick_device(device)
+    cfg, model = load_run(run, dev)
+    if cfg.tasks and dataset is not None:
+        raise BSRError(f"run {run} is multi-task ({','.join(cfg.tasks)}): it is evaluated on its own tasks; drop "
+                       f"--dataset")
+    for key, value in {"dataset": dataset, "data_dir": data_dir, "limit": limit, "batch_size": batch_size}.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    if not cfg.tasks and dataset_info(cfg.dataset).num_classes != host(model).num_classes:
         raise BSRError(f"dataset {cfg.dataset!r} has {dataset_info(cfg.dataset).num_classes} classes but the "
-                       f"model's head has {num_classes}")
-    _, test_set = build_data(cfg, image_size(model), train=False)
-    acc = evaluate(model, test_loader(test_set, cfg, dev), dev, cfg)
-    return {"top1": acc, "dataset": cfg.dataset, "images": len(test_set), "method": cfg.method}
+                       f"model's head has {host(model).num_classes}")
+    tasks = build_tasks(cfg, image_size(model), train=False)
+    accs = {t.name: evaluate(model, test_loader(t.test_set, cfg, dev), dev, cfg, task=t.index) for t in tasks}
+    result = {"top1": statistics.fmean(accs.values()), "dataset": "+".join(accs),
+              "images": sum(len(t.test_set) for t in tasks), "method": cfg.method}
+    if cfg.tasks:
+        result["tasks"] = accs
+    return result
 
 
 def export_weights(run: str | Path, out: str | Path, dtype: str = "fp32") -> dict:
-    """Write a run's trained model as a plain timm state dict (patch undone, LoRA merged) to `out` (.safetensors)."""
+    """Write a run's trained model as a plain timm state dict (patch undone, LoRA merged) to `out` (.safetensors).
+
+    A multi-task run's state dict is the `MultiTaskViT`'s: `backbone.*` (with the MoE keys of `bsr.moe`) and
+    `heads.{t}.*`, the task order and names in the metadata."""
     from safetensors.torch import save as st_save
 
     from .patch import bsr_state, restore
 
-    _, model = load_run(run, torch.device("cpu"))
+    cfg, model = load_run(run, torch.device("cpu"))
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    if bsr_state(model) is not None:
-        model = restore(model)
+    if bsr_state(backbone(model)) is not None:
+        restore(backbone(model))
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise BSRError(f"dtype={dtype!r} is not valid; use fp32, fp16 or bf16")
     state = {k: v.detach().to(torch_dtype).contiguous() for k, v in model.state_dict().items()}
     out = Path(out)
-    atomic_write_bytes(out, st_save(state, metadata={"source_run": str(run), "dtype": dtype}))
+    meta = {"source_run": str(run), "dtype": dtype, **({"tasks": ",".join(cfg.tasks)} if cfg.tasks else {})}
+    atomic_write_bytes(out, st_save(state, metadata=meta))
     return {"path": str(out), "tensors": len(state), "bytes": out.stat().st_size}
