@@ -309,17 +309,29 @@ def measure_config(config: dict, warmup: int = 1, steps: int = 1, mmap_threshold
 _WORKER_PREFIX = "BSR_STUDY_RESULT "
 
 
+def execute(kind: str, payload: dict) -> dict:
+    """Do one job: a training run (its report.json written by `train`) or a measurement (written to
+    `payload["path"]` with the config it measured, so a changed config is measured again). Returns a result dict."""
+    try:
+        if kind == "train":
+            report = train_run(payload["config"], payload["run_dir"], payload["resume"])
+            return {"ok": True, "best": report["accuracy"]["best"]}
+        from .checkpoint import atomic_write_bytes
+
+        record = {**measure_config(payload["config"], **payload["measure"]), "config": payload["config"],
+                  "measure": payload["measure"]}
+        path = Path(payload["path"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, (json.dumps(record, indent=2) + "\n").encode())
+        return {"ok": True, "record": record}
+    except BSRError as e:
+        return {"ok": False, "error": str(e)}
+
+
 def _worker_main(argv: Sequence[str]) -> int:
     """`python -m bsr.study worker` reads one JSON job on stdin, runs it, prints one result line."""
     job = json.loads(sys.stdin.read())
-    try:
-        if job["kind"] == "train":
-            report = train_run(job["config"], job["run_dir"], job["resume"])
-            result = {"ok": True, "best": report["accuracy"]["best"]}
-        else:
-            result = {"ok": True, "record": measure_config(job["config"], **job["measure"])}
-    except BSRError as e:
-        result = {"ok": False, "error": str(e)}
+    result = execute(job.pop("kind"), job)
     print(_WORKER_PREFIX + json.dumps(result), flush=True)
     return 0 if result["ok"] else 2
 
@@ -363,15 +375,7 @@ def run_jobs(jobs: list[Job], n_parallel: int, log: Log, isolate: bool = True) -
     if not isolate:
         for i, job in enumerate(jobs, 1):
             t0 = time.time()
-            try:
-                if job.kind == "train":
-                    report = train_run(job.payload["config"], job.payload["run_dir"], job.payload["resume"])
-                    results[job.key] = {"ok": True, "best": report["accuracy"]["best"]}
-                else:
-                    results[job.key] = {"ok": True, "record": measure_config(job.payload["config"],
-                                                                             **job.payload["measure"])}
-            except BSRError as e:
-                results[job.key] = {"ok": False, "error": str(e)}
+            results[job.key] = execute(job.kind, dict(job.payload))
             log(_done_line(i, total, job, results[job.key], time.time() - t0))
         return results
     pending, running, done = list(jobs), [], 0
@@ -380,7 +384,7 @@ def run_jobs(jobs: list[Job], n_parallel: int, log: Log, isolate: bool = True) -
             job = pending.pop(0)
             _start(job)
             running.append(job)
-        time.sleep(0.2)
+        time.sleep(1.0)
         for job in [j for j in running if j.proc.poll() is not None]:
             running.remove(job)
             done += 1
@@ -420,9 +424,9 @@ def run_study(study: Study, out: str | Path, *, jobs: int = 1, isolate: bool = T
     work: list[Job] = []
     for (point, dataset), config in study.configs().items():
         path = out / "measure" / f"{point}-{dataset}.json"
-        if not path.is_file():
-            work.append(Job("measure", f"{point}-{dataset}", {"config": config, "measure": study.measure},
-                            path.with_suffix(".log")))
+        if not _measured(path, config, study.measure):
+            work.append(Job("measure", f"{point}-{dataset}", {"config": config, "measure": study.measure,
+                                                              "path": str(path)}, path.with_suffix(".log")))
     seeds = sorted({run.seed for run in study.runs})
     for run in sorted(study.runs, key=lambda r: seeds.index(r.seed)):
         run_dir = out / "runs" / run.run_id
@@ -437,10 +441,6 @@ def run_study(study: Study, out: str | Path, *, jobs: int = 1, isolate: bool = T
     log(f"study {study.name}: {len(study.runs)} runs ({skipped} already finished), "
         f"{len(study.configs())} configurations; {len(work)} jobs, {jobs} at a time -> {out}")
     results = run_jobs(work, jobs, log, isolate)
-    for job in work:
-        if job.kind == "measure" and results[job.key]["ok"]:
-            path = out / "measure" / f"{job.key}.json"
-            path.write_text(json.dumps(results[job.key]["record"], indent=2) + "\n")
 
     data = collect(study, out)
     data["meta"]["wall_seconds_this_invocation"] = time.time() - t_start
@@ -457,6 +457,23 @@ def run_study(study: Study, out: str | Path, *, jobs: int = 1, isolate: bool = T
     log(f"wrote {out / 'study.md'}, {out / 'study.json'}, {out / 'accuracy_vs_memory.png'} "
         f"({time.time() - t_start:.0f} s)")
     return data
+
+
+# Options that cannot change a step's memory or FLOPs: a measurement stays valid when only these differ.
+_NOT_MEASURED = ("seed", "epochs", "steps", "lr", "min_lr", "warmup_steps", "warmup_epochs", "schedule", "eval_every",
+                 "log_every", "limit", "data_dir", "download", "dataset", "out") + HOW_KEYS
+
+
+def _measured(path: Path, config: dict, settings: dict) -> bool:
+    """Whether `path` holds a measurement of `config` (up to options that do not matter) with `settings`."""
+    if not path.is_file():
+        return False
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return False
+    strip = lambda c: {k: v for k, v in c.items() if k not in _NOT_MEASURED}  # noqa: E731
+    return saved.get("measure") == settings and strip(saved.get("config", {})) == strip(config)
 
 
 def token_run(study: Study, out: Path, dataset: str) -> Optional[Path]:

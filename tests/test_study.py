@@ -1,0 +1,149 @@
+"""`bsr study` and `bsr show-tokens`: a tiny study end to end, skip and resume, Pareto front, bad study files, the
+committed study files parse offline."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from bsr.cli import EXIT_USER_ERROR, main
+from bsr.errors import BSRError
+from bsr.study import load_study, pareto_front, parse_study, run_state, run_study, show_tokens
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# vit_micro at 16 px (4x4 patches), 32 images, 2 steps: seconds per run.
+TINY = {
+    "name": "tiny",
+    "base": {"img_size": 16, "checkpoint": "none", "limit": 32, "batch_size": 16, "steps": 2, "eval_every": 2,
+             "threads": 1},
+    "datasets": ["digits-embedded"],
+    "seeds": [0],
+    "measure": {"mmap_threshold": None},  # in-process here: leave pytest's allocator alone
+    "runs": [{"name": "full", "method": "full", "lr": 1e-3}, {"name": "bsr", "method": "bsr"}],
+    "quick": {"runs": ["bsr"]},
+}
+
+
+@pytest.fixture(scope="module")
+def study_out(tmp_path_factory):
+    """The tiny study, run once in this process (each run through bsr.train.train, as `bsr train` does)."""
+    out = tmp_path_factory.mktemp("study") / "out"
+    lines = []
+    data = run_study(parse_study(TINY), out, isolate=False, log=lines.append)
+    return out, data, lines
+
+
+def test_study_writes_table_json_and_plots(study_out):
+    out, data, _ = study_out
+    for name in ("study.json", "study.md", "accuracy_vs_memory.png", "tokens-digits-embedded.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = {a["point"]: a for a in json.loads((out / "study.json").read_text())["aggregates"]}
+    assert set(rows) == {"full", "bsr"}
+    assert rows["full"]["memory_ratio_vs_full"] == pytest.approx(1.0)
+    assert rows["bsr"]["trainable_params"] < rows["full"]["trainable_params"]
+    assert rows["bsr"]["train_flops_per_step"] < rows["full"]["train_flops_per_step"]
+    assert all(a["train_peak_bytes"] > 0 and a["best_mean"] is not None for a in rows.values())
+    table = (out / "study.md").read_text()
+    assert "| full | full |" in table and "| bsr | bsr |" in table
+    assert (out / "runs" / "bsr-digits-embedded-s0" / "report.json").is_file()
+
+
+def test_second_invocation_skips_finished_runs(study_out):
+    out, _, _ = study_out
+    report = out / "runs" / "full-digits-embedded-s0" / "report.json"
+    before = report.stat().st_mtime_ns
+    lines = []
+    run_study(parse_study(TINY), out, isolate=False, tokens=False, log=lines.append)
+    assert "2 runs (2 already finished)" in lines[0] and "0 jobs" in lines[0]
+    assert report.stat().st_mtime_ns == before
+
+
+def test_killed_run_resumes_from_its_checkpoint(study_out):
+    out, _, _ = study_out
+    run_dir = out / "runs" / "bsr-digits-embedded-s0"
+    first = json.loads((run_dir / "report.json").read_text())
+    (run_dir / "report.json").unlink()  # killed after its last checkpoint, before the report
+    assert run_state(run_dir, parse_study(TINY).runs[1].config) == "resume"
+    run_study(parse_study(TINY), out, isolate=False, tokens=False, log=lambda s: None)
+    again = json.loads((run_dir / "report.json").read_text())
+    assert again["accuracy"] == first["accuracy"]
+    assert again["median_step_time_s"] is None  # resumed at its last step: nothing left to train
+
+
+def test_changed_config_is_refused_not_mixed(study_out):
+    out, _, _ = study_out
+    changed = {**TINY, "base": {**TINY["base"], "steps": 3}}
+    with pytest.raises(BSRError, match="steps=2.*now says 3.*another --out"):
+        run_study(parse_study(changed), out, isolate=False, log=lambda s: None)
+
+
+def test_show_tokens_writes_png(study_out, tmp_path):
+    out, _, _ = study_out
+    image = tmp_path / "seven.png"
+    Image.new("L", (28, 28), 0).save(image)
+    png = show_tokens(out / "runs" / "bsr-digits-embedded-s0", [str(image)], dataset_images=2,
+                      out=tmp_path / "tokens.png")
+    assert png.stat().st_size > 0
+    with pytest.raises(BSRError, match="drops no tokens"):
+        show_tokens(out / "runs" / "full-digits-embedded-s0", dataset_images=1, out=tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("points, front", [
+    ([(1, 50), (2, 60), (3, 55)], [0, 1]),             # the third costs more and is worse
+    ([(5, 90), (1, 10), (3, 90)], [1, 2]),             # same accuracy for more memory is dominated
+    ([(2, 70), (2, 80), (1, 60)], [2, 1]),             # equal memory: only the better one
+    ([(1, 70), (1, 70)], [0]),                         # exact tie: the first
+    ([], []),
+])
+def test_pareto_front(points, front):
+    assert pareto_front(points) == front
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"epochs_total": 3}, "unknown study key 'epochs_total'"),
+    ({"runs": [{"name": "x", "method": "fastest"}]}, "run x on digits-embedded: method='fastest' is not valid"),
+    ({"runs": [{"name": "x", "lr_max": 1}]}, "run x on digits-embedded: unknown config key 'lr_max'"),
+    ({"runs": [{"name": "x", "bsr": {"keep": 0.3}}]}, "unknown config key 'bsr.keep'"),
+    ({"runs": [{"name": "x"}, {"name": "x"}]}, "run name 'x' is used twice"),
+    ({"runs": [{"method": "bsr"}]}, "runs[0] needs a name"),
+    ({"seeds": "0,1"}, "seeds must be a non-empty list of ints"),
+    ({"base": {"seed": 3}}, "'seed' is set by the study"),
+    ({"quick": {"runs": ["nope"]}}, "quick.runs names 'nope'"),
+    ({"quick": {"jobs": 2}}, "unknown key quick.jobs"),
+    ({"measure": {"steps_": 1}}, "unknown key measure.steps_"),
+])
+def test_bad_study_is_one_line_error(change, message):
+    quick = "quick" in change
+    with pytest.raises(BSRError) as info:
+        parse_study({**TINY, **change}, quick=quick)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_bad_study_file(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "runs": [{"name": "x", "method": "fastest"}]}))
+    assert main(["study", str(path), "--out", str(tmp_path / "o")]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("bsr: error:") and "method='fastest'" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_committed_studies_parse_offline():
+    paper = load_study(ROOT / "studies" / "paper.yaml")
+    assert len(paper.runs) == 2 * 7 * 5 * 3  # 2 models x 7 methods x 5 datasets x 3 seeds
+    by_id = {r.run_id: r.config for r in paper.runs}
+    assert by_id["vitb-bsr-flowers102-s0"]["lr"] == 3e-2  # the SGD recipe's per-dataset lr
+    assert by_id["vitb-full-food101-s0"]["steps"] == 30_000
+    assert by_id["deits-lora-pets-s2"]["optimizer"] == "adamw"
+    assert all(c["pretrained"] and c["download"] for c in by_id.values())
+    offline = load_study(ROOT / "studies" / "offline.yaml")
+    methods = {r.config["method"] for r in offline.runs}
+    assert methods == {"full", "head", "bitfit", "last-k", "lora", "tokendrop", "bsr"}
+    assert {r.seed for r in offline.runs} == {0, 1, 2}
+    assert offline.datasets == ["digits-embedded", "sklearn-digits"]
+    quick = load_study(ROOT / "studies" / "offline.yaml", quick=True)
+    assert len(quick.runs) < len(offline.runs) and {r.seed for r in quick.runs} == {0}
