@@ -209,6 +209,14 @@ def load_study(path: str | Path, quick: bool = False) -> Study:
 
 
 def _comparable(config: dict) -> dict:
+    """`config` through today's `TrainConfig` (so options added since it was saved take their defaults), without
+    the options that do not change results."""
+    from .train import make_config
+
+    try:
+        config = make_config(dict(config)).to_dict()
+    except BSRError:
+        pass  # an option this version does not know: compared as saved, so the difference is named
     return {k: v for k, v in config.items() if k not in HOW_KEYS}
 
 
@@ -512,7 +520,8 @@ def collect(study: Study, out: Path) -> dict:
                            "trainable_params": report["params"]["trainable"],
                            "total_params": report["params"]["total"],
                            "median_step_time_s": report["median_step_time_s"],
-                           "peak_memory_mib_run": report["peak_memory_mib"]})
+                           "peak_memory_mib_run": report["peak_memory_mib"],
+                           "test_curve": test_curve(path.parent / "metrics.jsonl")})
         runs.append(record)
     configs = study.configs()
     for dataset in study.datasets:
@@ -525,6 +534,7 @@ def collect(study: Study, out: Path) -> dict:
             best, best_std = _mean_std([r["best"] for r in mine])
             final, final_std = _mean_std([r["final"] for r in mine])
             times = [r["median_step_time_s"] for r in mine if r["median_step_time_s"] is not None]
+            gains = [c[-1][1] - c[-2][1] for r in mine if len(c := r["test_curve"]) >= 2]
             config = configs[(point, dataset)]
             aggregates.append({
                 "point": point, "dataset": dataset, "method": config["method"],
@@ -534,6 +544,7 @@ def collect(study: Study, out: Path) -> dict:
                 "seeds_planned": sum(1 for r in runs if r["point"] == point and r["dataset"] == dataset),
                 "trainable_params": mine[0]["trainable_params"] if mine else measured.get("trainable_params"),
                 "best_mean": best, "best_std": best_std, "final_mean": final, "final_std": final_std,
+                "last_eval_gain": statistics.fmean(gains) if gains else None,  # plateau check: last - previous
                 "step_time_s": statistics.fmean(times) if times else None,
                 "train_peak_bytes": measured.get("train_peak_bytes"),
                 "saved_activation_bytes": measured.get("saved_activation_bytes"),
@@ -557,6 +568,20 @@ def collect(study: Study, out: Path) -> dict:
             **environment(torch.device("cpu"))}
     meta["machine"]["cpu"] = _cpu_name()
     return {"meta": meta, "runs": runs, "aggregates": aggregates}
+
+
+def test_curve(metrics: Path) -> list[tuple[int, float]]:
+    """(step, test top-1) of every evaluation a run logged."""
+    curve = []
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "test_acc" in record:
+                curve.append((record["step"], record["test_acc"]))
+    return curve
 
 
 def _cpu_name() -> str:
@@ -587,23 +612,25 @@ def _pm(mean: Optional[float], std: Optional[float]) -> str:
 
 
 def study_markdown(data: dict) -> str:
-    """One table per dataset of the aggregates (rendered from `study.json`'s records)."""
+    """One table per dataset of the aggregates (rendered from `study.json`'s records). "last-eval gain" is the mean
+    change of test top-1 between a run's last two evaluations: near zero when the run has reached its plateau."""
     lines = [f"# Study {data['meta']['name']}", ""]
     for dataset in data["meta"]["datasets"]:
         rows = [a for a in data["aggregates"] if a["dataset"] == dataset]
         lines += [f"## {dataset}", "",
                   "| point | method | trainable params | top-1 best (mean ± std) | top-1 final (mean ± std) | seeds "
-                  "| train peak MiB | memory ratio vs full | step ms | GFLOPs/step |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| last-eval gain | train peak MiB | memory ratio vs full | step ms | GFLOPs/step |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for a in rows:
             peak = f"{a['train_peak_bytes'] / MIB:,.1f}" if a["train_peak_bytes"] else "—"
             ratio = f"{a['memory_ratio_vs_full']:.2f}x" if a["memory_ratio_vs_full"] else "—"
             ms = f"{1000 * a['step_time_s']:.1f}" if a["step_time_s"] else "—"
             flops = f"{a['train_flops_per_step'] / 1e9:,.2f}" if a["train_flops_per_step"] else "—"
             params = f"{a['trainable_params']:,}" if a["trainable_params"] else "—"
+            gain = f"{a['last_eval_gain']:+.2f}" if a.get("last_eval_gain") is not None else "—"
             lines.append(f"| {a['point']} | {a['method']} | {params} | {_pm(a['best_mean'], a['best_std'])} | "
                          f"{_pm(a['final_mean'], a['final_std'])} | {len(a['seeds'])}/{a['seeds_planned']} | "
-                         f"{peak} | {ratio} | {ms} | {flops} |")
+                         f"{gain} | {peak} | {ratio} | {ms} | {flops} |")
         lines.append("")
     return "\n".join(lines)
 
