@@ -29,6 +29,7 @@ threshold fixed at 1 MiB, FLOPs of one whole training step by torch's `FlopCount
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import math
@@ -36,7 +37,9 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -337,11 +340,61 @@ def execute(kind: str, payload: dict) -> dict:
 
 
 def _worker_main(argv: Sequence[str]) -> int:
-    """`python -m bsr.study worker` reads one JSON job on stdin, runs it, prints one result line."""
+    """`python -m bsr.study worker` reads one JSON job on stdin, runs it, prints one result line.
+
+    `worker --serve` runs training jobs one after another, one JSON line each on stdin, each job's output going to
+    its own log file and one result line per job to stdout: starting Python, torch and timm costs several CPU
+    seconds, a good part of a small run. (Measurements always get a fresh process: peak RSS needs one.)
+    """
+    if "--serve" in argv:
+        results = sys.stdout
+        for line in sys.stdin:
+            job = json.loads(line)
+            log_path = Path(job.pop("log"))
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with log_path.open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                try:
+                    result = execute(job.pop("kind"), job)
+                except Exception as e:  # a bug, not bad input: keep the traceback in the job's log
+                    traceback.print_exc()
+                    result = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+            gc.collect()
+            results.write(json.dumps(result) + "\n")
+            results.flush()
+        return 0
     job = json.loads(sys.stdin.read())
     result = execute(job.pop("kind"), job)
     print(_WORKER_PREFIX + json.dumps(result), flush=True)
     return 0 if result["ok"] else 2
+
+
+class _Server:
+    """A `worker --serve` process that runs training jobs in turn (started on first use, restarted if it died)."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.log_path, self.proc = log_path, None
+
+    def run(self, job: "Job") -> dict:
+        if self.proc is None or self.proc.poll() is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.log_path.open("a") as log:
+                self.proc = subprocess.Popen([sys.executable, "-m", "bsr.study", "worker", "--serve"],
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc.stdin.write(json.dumps({"kind": job.kind, **job.payload, "log": str(job.log_path)}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:  # the worker died (killed, out of memory): the job's log holds what it said
+            self.proc.wait()
+            self.proc = None
+            tail = job.log_path.read_text(errors="replace").strip().splitlines() if job.log_path.is_file() else []
+            return {"ok": False, "error": f"worker died; {(tail or ['no output'])[-1][:300]}"}
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait()
 
 
 @dataclass
@@ -376,8 +429,10 @@ def _result(job: Job) -> dict:
     return {"ok": False, "error": f"exit {job.proc.returncode}: {tail[:300]}"}
 
 
-def run_jobs(jobs: list[Job], n_parallel: int, log: Log, isolate: bool = True) -> dict[str, dict]:
-    """Run `jobs`, at most `n_parallel` fresh processes at a time (in this process if not `isolate`)."""
+def run_jobs(jobs: list[Job], n_parallel: int, log: Log, isolate: bool = True,
+             workdir: Path = Path(".")) -> dict[str, dict]:
+    """Run `jobs`, `n_parallel` at a time: training runs in `n_parallel` worker processes (`worker --serve`), each
+    measurement in a fresh process; everything in this process if not `isolate` (tests, debugging)."""
     results: dict[str, dict] = {}
     total = len(jobs)
     if not isolate:
@@ -386,18 +441,34 @@ def run_jobs(jobs: list[Job], n_parallel: int, log: Log, isolate: bool = True) -
             results[job.key] = execute(job.kind, dict(job.payload))
             log(_done_line(i, total, job, results[job.key], time.time() - t0))
         return results
-    pending, running, done = list(jobs), [], 0
-    while pending or running:
-        while pending and len(running) < n_parallel:
-            job = pending.pop(0)
-            _start(job)
-            running.append(job)
-        time.sleep(1.0)
-        for job in [j for j in running if j.proc.poll() is not None]:
-            running.remove(job)
-            done += 1
-            results[job.key] = _result(job)
-            log(_done_line(done, total, job, results[job.key], time.time() - job.started))
+    queue, lock, done = list(jobs), threading.Lock(), [0]
+
+    def slot(server: _Server) -> None:
+        while True:
+            with lock:
+                if not queue:
+                    break
+                job = queue.pop(0)
+            started = time.time()
+            if job.kind == "train":
+                result = server.run(job)
+            else:
+                _start(job)
+                job.proc.wait()
+                result = _result(job)
+            with lock:
+                results[job.key] = result
+                done[0] += 1
+                log(_done_line(done[0], total, job, result, time.time() - started))
+        server.close()
+
+    threads = [threading.Thread(target=slot, args=(_Server(workdir / f"worker-{i}.log"),), daemon=True)
+               for i in range(n_parallel)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(timeout=1.0)  # a timeout keeps Ctrl-C working
     return results
 
 
@@ -448,7 +519,7 @@ def run_study(study: Study, out: str | Path, *, jobs: int = 1, isolate: bool = T
     skipped = len(study.runs) - sum(1 for j in work if j.kind == "train")
     log(f"study {study.name}: {len(study.runs)} runs ({skipped} already finished), "
         f"{len(study.configs())} configurations; {len(work)} jobs, {jobs} at a time -> {out}")
-    results = run_jobs(work, jobs, log, isolate)
+    results = run_jobs(work, jobs, log, isolate, workdir=out)
 
     data = collect(study, out)
     data["meta"]["wall_seconds_this_invocation"] = time.time() - t_start
