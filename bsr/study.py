@@ -15,6 +15,7 @@ A study file holds:
     runs:                              # the grid points, each a name plus TrainConfig overrides
       - {name: full, method: full}
       - {name: bsr-keep0.3, method: bsr, bsr: {keep_rate: 0.3}, datasets: [digits-embedded]}
+      - {name: bsr, method: bsr, priority: 1}   # priority: all its seeds run before other entries
     measure: {steps: 1, warmup: 1}     # memory/FLOP measurement settings (optional)
     quick: {base: {epochs: 1}, seeds: [0], runs: [full, bsr], datasets: [...]}   # what --quick changes
     x-anything: ...                    # ignored: a place for YAML anchors (&name) the entries merge (<<: *name)
@@ -49,7 +50,7 @@ from .errors import BSRError
 MIB = 2 ** 20
 STUDY_KEYS = ("name", "base", "datasets", "seeds", "per_dataset", "runs", "measure", "quick")
 QUICK_KEYS = ("base", "datasets", "seeds", "runs", "per_dataset")
-ENTRY_KEYS = ("name", "datasets", "seeds")  # keys of a run entry that are not TrainConfig options
+ENTRY_KEYS = ("name", "datasets", "seeds", "priority")  # keys of a run entry that are not TrainConfig options
 MEASURE_DEFAULTS = {"warmup": 1, "steps": 1, "mmap_threshold": 1 << 20}
 # Options that change how a run computes, not what: they may differ between a run and the study resuming it.
 HOW_KEYS = ("threads", "device", "workers", "out")
@@ -68,6 +69,7 @@ class RunSpec:
     dataset: str
     seed: int
     config: dict
+    priority: int = 0  # higher runs earlier (all its seeds before any other entry's)
 
     @property
     def run_id(self) -> str:
@@ -169,6 +171,9 @@ def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> St
         entry_datasets = _names(entry.pop("datasets"), f"{source}: runs.{name}.datasets") \
             if "datasets" in entry else datasets
         entry_seeds = _names(entry.pop("seeds"), f"{source}: runs.{name}.seeds", int) if "seeds" in entry else seeds
+        priority = entry.pop("priority", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise BSRError(f"{source}: runs.{name}.priority={priority!r} must be an integer (higher runs earlier)")
         if quick:
             entry_datasets = [d for d in entry_datasets if d in datasets]
             entry_seeds = [s for s in entry_seeds if s in seeds] or seeds[:1]
@@ -184,7 +189,7 @@ def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> St
                     cfg = resolve_config(values)
                 except BSRError as e:
                     raise BSRError(f"{source}: run {name} on {dataset}: {e}") from None
-                runs.append(RunSpec(name, dataset, seed, cfg.to_dict()))
+                runs.append(RunSpec(name, dataset, seed, cfg.to_dict(), priority))
     if keep_points is not None:
         missing = [p for p in keep_points if p not in points]
         if missing:
@@ -487,10 +492,12 @@ def _done_line(i: int, total: int, job: Job, result: dict, seconds: float) -> st
 
 
 def run_study(study: Study, out: str | Path, *, jobs: int = 1, isolate: bool = True, tokens: bool = True,
-              log: Log = print) -> dict:
+              log: Log = print, execute_jobs: bool = True) -> dict:
     """Run (or resume) every run of `study` into `out`, measure every configuration, write the outputs.
 
     Returns the `study.json` content. Failed runs are reported in the outputs and raise a `BSRError` at the end.
+    `execute_jobs=False` only renders the outputs from what has finished so far (unfinished runs show as missing
+    seeds).
     """
     if jobs < 1:
         raise BSRError(f"jobs={jobs} must be at least 1")
@@ -498,8 +505,9 @@ def run_study(study: Study, out: str | Path, *, jobs: int = 1, isolate: bool = T
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
 
-    # Measurements first (short), then training runs seed by seed, so that an interrupted study has every point
-    # with fewer seeds rather than some points with none. Finished runs are skipped, killed ones resumed.
+    # Measurements first (short), then training runs by priority, then seed by seed, so that an interrupted study
+    # has every point with fewer seeds rather than some points with none. Finished runs are skipped, killed ones
+    # resumed.
     work: list[Job] = []
     for (point, dataset), config in study.configs().items():
         path = out / "measure" / f"{point}-{dataset}.json"
@@ -507,7 +515,7 @@ def run_study(study: Study, out: str | Path, *, jobs: int = 1, isolate: bool = T
             work.append(Job("measure", f"{point}-{dataset}", {"config": config, "measure": study.measure,
                                                               "path": str(path)}, path.with_suffix(".log")))
     seeds = sorted({run.seed for run in study.runs})
-    for run in sorted(study.runs, key=lambda r: seeds.index(r.seed)):
+    for run in sorted(study.runs, key=lambda r: (-r.priority, seeds.index(r.seed))):
         run_dir = out / "runs" / run.run_id
         state = run_state(run_dir, run.config)
         if state == "done":
@@ -519,6 +527,9 @@ def run_study(study: Study, out: str | Path, *, jobs: int = 1, isolate: bool = T
     skipped = len(study.runs) - sum(1 for j in work if j.kind == "train")
     log(f"study {study.name}: {len(study.runs)} runs ({skipped} already finished), "
         f"{len(study.configs())} configurations; {len(work)} jobs, {jobs} at a time -> {out}")
+    if not execute_jobs:
+        log("not running them (--report-only): rendering what has finished")
+        work = []
     results = run_jobs(work, jobs, log, isolate, workdir=out)
 
     data = collect(study, out)

@@ -19,6 +19,8 @@ def add_study_parser(sub) -> None:
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, each a fresh process (use threads: 1)")
     p.add_argument("--out", default=None, help="output directory (default: runs/study-<name>[-quick])")
     p.add_argument("--no-tokens", dest="tokens", action="store_false", help="skip the tokens-<dataset>.png pictures")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the table and plots from the runs finished so far")
     p.set_defaults(run=_run_study)
 
 
@@ -27,7 +29,7 @@ def _run_study(args: argparse.Namespace) -> int:
 
     study = load_study(args.study, quick=args.quick)
     out = args.out or str(Path("runs") / f"study-{study.name}{'-quick' if args.quick else ''}")
-    run_study(study, out, jobs=args.jobs, tokens=args.tokens)
+    run_study(study, out, jobs=args.jobs, tokens=args.tokens, execute_jobs=not args.report_only)
     return 0
 
 
