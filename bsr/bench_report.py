@@ -217,7 +217,8 @@ def plot(result: BenchResult, path: Path) -> None:
         ax.scatter([x], [y], s=90 if highlight else 40, color="tab:red" if highlight else "tab:blue",
                    zorder=3 if highlight else 2)
         ratio = _ratios(r)["train_peak"]
-        label = r["method"] + (f" ({ratio:.2f}x)" if ratio is not None and r["method"] != baseline else "")
+        label = r["method"] + (" (baseline)" if r["method"] == baseline else
+                               f" ({ratio:.2f}x)" if ratio is not None else "")
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4),
                     fontweight="bold" if highlight else "normal")
     spec, first = result.meta["spec"], result.records[0]
