@@ -742,7 +742,7 @@ def plot_accuracy_vs_memory(data: dict, path: str | Path) -> None:
             fy = [ys[i] for i in front]
             ax.step(fx + [max(xs)], fy + [fy[-1]], where="post", color="grey", lw=1, ls="--",
                     label="Pareto front (best top-1 at ≤ memory)")
-            ax.legend(loc="lower right", fontsize=8)
+            ax.legend(loc="upper left", fontsize=8)
         ax.set_title(dataset)
         ax.set_xlabel("training peak memory (MiB, measured RSS above baseline)")
         ax.set_ylabel("top-1 best (%), mean over seeds")
