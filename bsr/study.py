@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -177,14 +177,14 @@ def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> St
         if quick:
             entry_datasets = [d for d in entry_datasets if d in datasets]
             entry_seeds = [s for s in entry_seeds if s in seeds] or seeds[:1]
-        for key in ("dataset", "seed", "out"):
+        for key in ("dataset", "tasks", "seed", "out"):
             if key in entry or key in base:
                 raise BSRError(f"{source}: {key!r} is set by the study (datasets/seeds/--out); remove it from "
                                f"{'base' if key in base else 'runs.' + name}")
         for dataset in entry_datasets:
             for seed in entry_seeds:
                 values = merge(base, _mapping(per_dataset.get(dataset), f"per_dataset.{dataset}"), entry,
-                               {"dataset": dataset, "seed": seed})
+                               {**dataset_options(dataset), "seed": seed})
                 try:
                     cfg = resolve_config(values)
                 except BSRError as e:
@@ -204,6 +204,12 @@ def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> St
     name = data.get("name", Path(source).stem)
     used = [d for d in datasets if any(r.dataset == d for r in runs)]
     return Study(name=str(name), runs=runs, measure=measure, points=points, datasets=used)
+
+
+def dataset_options(label: str) -> dict:
+    """TrainConfig options of a study dataset label: `{"dataset": label}`, or for a multi-task label "a+b+c"
+    `{"tasks": [a, b, c]}` (trained together, as `bsr train --tasks a,b,c`)."""
+    return {"tasks": label.split("+")} if "+" in label else {"dataset": label}
 
 
 def load_study(path: str | Path, quick: bool = False) -> Study:
@@ -278,8 +284,8 @@ def measure_config(config: dict, warmup: int = 1, steps: int = 1, mmap_threshold
 
     from . import allocator, measure
     from .data import dataset_info
-    from .methods import count_params, host
-    from .train import build_optimizer, image_size, make_config, pick_device, setup_model
+    from .methods import count_params
+    from .train import backbone, build_optimizer, image_size, make_config, pick_device, setup_model
 
     cfg = make_config(config)
     if mmap_threshold:
@@ -287,7 +293,7 @@ def measure_config(config: dict, warmup: int = 1, steps: int = 1, mmap_threshold
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    num_classes = cfg.num_classes or dataset_info(cfg.dataset).num_classes
+    num_classes = cfg.num_classes or dataset_info(cfg.task_names[0]).num_classes  # multi-task: task 0's head
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     if cfg.method == "lora":
         import peft  # noqa: F401  (its modules are not training memory)
@@ -301,8 +307,11 @@ def measure_config(config: dict, warmup: int = 1, steps: int = 1, mmap_threshold
     labels = torch.randint(0, num_classes, (cfg.batch_size,), generator=gen).to(device)
     optimizer = build_optimizer(cfg, model)
 
+    def forward():
+        return model(images) if not cfg.tasks else model(images, 0)
+
     def step() -> None:
-        criterion(model(images), labels).backward()
+        criterion(forward(), labels).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -312,7 +321,7 @@ def measure_config(config: dict, warmup: int = 1, steps: int = 1, mmap_threshold
     for _ in range(steps):
         step()
     peak = measure.peak_bytes(device) - baseline
-    saved = measure.saved_tensor_bytes(lambda: criterion(model(images), labels), model=host(model))
+    saved = measure.saved_tensor_bytes(lambda: criterion(forward(), labels), model=backbone(model))
     flops = measure.count_flops(step)
     counts = count_params(model)
     return {"train_peak_bytes": peak, "peak_resettable": resettable, "saved_activation_bytes": saved.total,
@@ -603,6 +612,7 @@ def collect(study: Study, out: Path) -> dict:
                            "total_params": report["params"]["total"],
                            "median_step_time_s": report["median_step_time_s"],
                            "peak_memory_mib_run": report["peak_memory_mib"],
+                           "tasks": report["accuracy"].get("tasks"),
                            "test_curve": test_curve(path.parent / "metrics.jsonl")})
         runs.append(record)
     configs = study.configs()
@@ -631,6 +641,7 @@ def collect(study: Study, out: Path) -> dict:
                 "train_peak_bytes": measured.get("train_peak_bytes"),
                 "saved_activation_bytes": measured.get("saved_activation_bytes"),
                 "train_flops_per_step": measured.get("train_flops_per_step"),
+                "tasks": task_means(mine),
             })
     for dataset in study.datasets:
         rows = [a for a in aggregates if a["dataset"] == dataset]
@@ -650,6 +661,18 @@ def collect(study: Study, out: Path) -> dict:
             **environment(torch.device("cpu"))}
     meta["machine"]["cpu"] = _cpu_name()
     return {"meta": meta, "runs": runs, "aggregates": aggregates}
+
+
+def task_means(runs: list[dict]) -> Optional[dict]:
+    """Per-task mean/std over seeds of multi-task runs' best and final top-1 (None for single-task runs)."""
+    if not runs or not runs[0].get("tasks"):
+        return None
+    means = {}
+    for name in runs[0]["tasks"]:
+        best, best_std = _mean_std([r["tasks"][name]["best"] for r in runs])
+        final, final_std = _mean_std([r["tasks"][name]["final"] for r in runs])
+        means[name] = {"best_mean": best, "best_std": best_std, "final_mean": final, "final_std": final_std}
+    return means
 
 
 def test_curve(metrics: Path) -> list[tuple[int, float]]:
@@ -714,6 +737,14 @@ def study_markdown(data: dict) -> str:
                          f"{_pm(a['final_mean'], a['final_std'])} | {len(a['seeds'])}/{a['seeds_planned']} | "
                          f"{gain} | {peak} | {ratio} | {ms} | {flops} |")
         lines.append("")
+        tasks = next((a["tasks"] for a in rows if a.get("tasks")), None)
+        if tasks:
+            lines += ["Per task, final top-1 (mean ± std over seeds):", "",
+                      "| point | " + " | ".join(tasks) + " | mean |", "|---|" + "---:|" * (len(tasks) + 1)]
+            for a in (a for a in rows if a.get("tasks")):
+                cells = [_pm(t["final_mean"], t["final_std"]) for t in a["tasks"].values()]
+                lines.append(f"| {a['point']} | " + " | ".join(cells) + f" | {_pm(a['final_mean'], a['final_std'])} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -787,8 +818,8 @@ def show_tokens(run_dir: str | Path, images: Sequence[str] = (), dataset_images:
                 out: str | Path = "tokens.png") -> Path:
     """Draw, for each image (one row), the image and the patches kept after each drop block (dropped ones greyed).
 
-    `images` are image files; `dataset_images` N adds N test images of the run's dataset (spread over the split).
-    Returns the written PNG's path.
+    `images` are image files; `dataset_images` N adds N test images of the run's dataset (spread over the split); a
+    multi-task run is shown on its first task (images, gates and head). Returns the written PNG's path.
     """
     import matplotlib
 
@@ -797,14 +828,13 @@ def show_tokens(run_dir: str | Path, images: Sequence[str] = (), dataset_images:
     import numpy as np
     import torch
 
-    from .methods import host
     from .patch import bsr_state, kept_patch_indices, record_kept_tokens
-    from .train import build_data, image_size, load_run
+    from .train import backbone, build_data, image_size, load_run
 
     if not images and dataset_images < 1:
         raise BSRError("no images: pass image files or --dataset-images N")
     cfg, model = load_run(run_dir, torch.device("cpu"))
-    vit = host(model)
+    vit = backbone(model)
     state = bsr_state(vit)
     if state is None or not state.drop_blocks:
         raise BSRError(f"run {run_dir} drops no tokens (method {cfg.method}); pick a bsr or tokendrop run")
@@ -814,7 +844,7 @@ def show_tokens(run_dir: str | Path, images: Sequence[str] = (), dataset_images:
         x, names = _load_image_files(images, size, cfg.mean, cfg.std)
         batch.append(x)
     if dataset_images > 0:
-        _, test_set = build_data(cfg, size, train=False)
+        _, test_set = build_data(replace(cfg, dataset=cfg.task_names[0]), size, train=False)
         picks = np.linspace(0, len(test_set) - 1, min(dataset_images, len(test_set))).round().astype(int)
         items = [test_set[int(i)] for i in picks]
         batch.append(torch.stack([im for im, _ in items]))
@@ -822,7 +852,7 @@ def show_tokens(run_dir: str | Path, images: Sequence[str] = (), dataset_images:
         names += [f"test #{i}, label {classes[y] if y < len(classes) else y}" for i, (_, y) in zip(picks, items)]
     x = torch.cat(batch)
     with torch.no_grad(), record_kept_tokens(vit) as records:
-        preds = model(x).argmax(-1).tolist()
+        preds = (model(x, 0) if cfg.tasks else model(x)).argmax(-1).tolist()
     grid = vit.patch_embed.grid_size
     blocks = sorted(records)
     kept = kept_patch_indices([records[b][0] for b in blocks], grid[0] * grid[1])

@@ -162,3 +162,19 @@ def test_worker_process_runs_jobs_in_turn(tmp_path):
     assert all((tmp_path / r.run_id / "report.json").is_file() for r in runs)
     assert "step 2/2" in (tmp_path / runs[0].run_id / "train.log").read_text()  # each job's output in its own log
     assert len(lines) == 2 and lines[-1].startswith("[2/2] train bsr-digits-embedded-s0: best top-1")
+
+
+def test_multitask_study_label_trains_the_tasks_together(tmp_path):
+    """A dataset label "a+b" is a multi-task run (`--tasks a,b`): per-task columns, memory of one task's step."""
+    study = {**TINY, "datasets": ["digits-embedded+sklearn-digits"], "quick": {},
+             "base": {**TINY["base"], "moe_experts": 4, "moe_top_k": 2},
+             "runs": [{"name": "full", "method": "full", "lr": 1e-3}, {"name": "dense-full", "method": "full",
+                                                                       "moe": False}]}
+    parsed = parse_study(study)
+    assert [r.config["tasks"] for r in parsed.runs] == [["digits-embedded", "sklearn-digits"]] * 2
+    data = run_study(parsed, tmp_path / "out", isolate=False, tokens=False, log=lambda s: None)
+    rows = {a["point"]: a for a in data["aggregates"]}
+    assert set(rows["full"]["tasks"]) == {"digits-embedded", "sklearn-digits"}
+    assert rows["full"]["trainable_params"] > rows["dense-full"]["trainable_params"]  # the experts
+    assert rows["full"]["train_peak_bytes"] > 0 and rows["full"]["train_flops_per_step"] > 0
+    assert "| point | digits-embedded | sklearn-digits | mean |" in (tmp_path / "out" / "study.md").read_text()
