@@ -147,6 +147,12 @@ def test_committed_studies_parse_offline():
     assert offline.datasets == ["digits-embedded", "sklearn-digits"]
     quick = load_study(ROOT / "studies" / "offline.yaml", quick=True)
     assert len(quick.runs) < len(offline.runs) and {r.seed for r in quick.runs} == {0}
+    long = load_study(ROOT / "studies" / "offline-long.yaml")
+    assert {r.config["method"] for r in long.runs if r.dataset == "sklearn-digits"} == methods
+    assert all(r.config["epochs"] == 10 for r in long.runs if r.dataset == "sklearn-digits")
+    moe = load_study(ROOT / "studies" / "moe.yaml")
+    assert {tuple(r.config["tasks"]) for r in moe.runs} == {("fashion-mnist", "digits-embedded", "sklearn-digits")}
+    assert {(r.point, r.config["moe"]) for r in moe.runs} >= {("full", True), ("bsr", True), ("dense-full", False)}
 
 
 def test_worker_process_runs_jobs_in_turn(tmp_path):
