@@ -110,25 +110,13 @@ def _names(value: Any, where: str, kind: type = str) -> list:
     return list(value)
 
 
-def merge(*layers: dict) -> dict:
-    """Layers of TrainConfig values, later ones winning; the `bsr` sub-mapping merges key by key."""
-    merged: dict = {}
-    for layer in layers:
-        for key, value in layer.items():
-            if key == "bsr" and isinstance(value, dict) and isinstance(merged.get("bsr"), dict):
-                merged["bsr"] = {**merged["bsr"], **value}
-            else:
-                merged[key] = value
-    return merged
-
-
 def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> Study:
     """A `Study` from the mapping of a study file; every run's TrainConfig is resolved (and so validated) here.
 
     `quick` applies the file's `quick:` section. Nothing is read from disk or the network except what the configs
     name when they are resolved (no dataset is loaded).
     """
-    from .train import resolve_config
+    from .train import merge_options, resolve_config
 
     unknown = [k for k in data if k not in STUDY_KEYS and not str(k).startswith("x-")]  # x-*: YAML anchors
     if unknown:
@@ -146,9 +134,10 @@ def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> St
         raise BSRError(f"{source}: runs must be a non-empty list of entries like {{name: bsr, method: bsr}}")
     keep_points: Optional[list[str]] = None
     if quick:
-        base = merge(base, _mapping(quick_part.get("base"), f"{source}: quick.base"))
+        base = merge_options(base, _mapping(quick_part.get("base"), f"{source}: quick.base"))
         for name, values in _mapping(quick_part.get("per_dataset"), f"{source}: quick.per_dataset").items():
-            per_dataset[name] = merge(_mapping(per_dataset.get(name), f"{source}: per_dataset.{name}"), values)
+            own = _mapping(per_dataset.get(name), f"{source}: per_dataset.{name}")
+            per_dataset[name] = merge_options(own, values)
         if "datasets" in quick_part:
             datasets = _names(quick_part["datasets"], f"{source}: quick.datasets")
         if "seeds" in quick_part:
@@ -183,7 +172,7 @@ def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> St
                                f"{'base' if key in base else 'runs.' + name}")
         for dataset in entry_datasets:
             for seed in entry_seeds:
-                values = merge(base, _mapping(per_dataset.get(dataset), f"per_dataset.{dataset}"), entry,
+                values = merge_options(base, _mapping(per_dataset.get(dataset), f"per_dataset.{dataset}"), entry,
                                {**dataset_options(dataset), "seed": seed})
                 try:
                     cfg = resolve_config(values)
@@ -197,7 +186,7 @@ def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> St
                            f"{', '.join(points)}")
         runs = [r for r in runs if r.point in keep_points]
         points = [p for p in points if p in keep_points]
-    measure = merge(MEASURE_DEFAULTS, _mapping(data.get("measure"), f"{source}: measure"))
+    measure = merge_options(MEASURE_DEFAULTS, _mapping(data.get("measure"), f"{source}: measure"))
     bad = [k for k in measure if k not in MEASURE_DEFAULTS]
     if bad:
         raise BSRError(f"{source}: unknown key measure.{bad[0]}; use {', '.join(MEASURE_DEFAULTS)}")
@@ -263,14 +252,6 @@ def train_run(config: dict, run_dir: str | Path, resume: bool) -> dict:
     return train(cfg, resume=run_dir if resume else None, progress=False)
 
 
-def release_memory() -> None:
-    """Free what Python dropped and hand glibc's free heap back, so the next RSS baseline is honest."""
-    from . import allocator
-
-    gc.collect()
-    allocator.trim()
-
-
 def measure_config(config: dict, warmup: int = 1, steps: int = 1, mmap_threshold: Optional[int] = 1 << 20) -> dict:
     """Training memory and FLOPs of one step of `config`'s model, method, optimizer and batch size.
 
@@ -284,6 +265,7 @@ def measure_config(config: dict, warmup: int = 1, steps: int = 1, mmap_threshold
 
     from . import allocator, measure
     from .data import dataset_info
+    from .bench import release_memory
     from .methods import count_params
     from .train import backbone, build_optimizer, image_size, make_config, pick_device, setup_model
 
@@ -300,7 +282,7 @@ def measure_config(config: dict, warmup: int = 1, steps: int = 1, mmap_threshold
 
     release_memory()
     baseline = measure.current_bytes(device)
-    model = setup_model(cfg, device, num_classes).train()
+    model = setup_model(cfg, device).train()
     size = image_size(model)
     gen = torch.Generator().manual_seed(cfg.seed)
     images = torch.randn(cfg.batch_size, 3, size, size, generator=gen).to(device)
@@ -653,13 +635,15 @@ def collect(study: Study, out: Path) -> dict:
             a["best_minus_full"] = (a["best_mean"] - full["best_mean"]
                                     if full is not None and a["best_mean"] is not None
                                     and full["best_mean"] is not None else None)
-    from .train import environment
-
     import torch
 
+    from .bench import machine
+    from .train import environment
+
+    cpu = torch.device("cpu")
     meta = {"name": study.name, "measure": study.measure, "datasets": study.datasets, "points": study.points,
-            **environment(torch.device("cpu"))}
-    meta["machine"]["cpu"] = _cpu_name()
+            **environment(cpu)}
+    meta["machine"]["cpu"] = machine(cpu)["cpu"]
     return {"meta": meta, "runs": runs, "aggregates": aggregates}
 
 
@@ -687,14 +671,6 @@ def test_curve(metrics: Path) -> list[tuple[int, float]]:
             if "test_acc" in record:
                 curve.append((record["step"], record["test_acc"]))
     return curve
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "unknown")
-    except OSError:
-        return "unknown"
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

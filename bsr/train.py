@@ -272,13 +272,15 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def _merge(base: dict, layer: dict) -> dict:
-    merged = dict(base)
-    for key, value in layer.items():
-        if key == "bsr" and isinstance(value, dict) and isinstance(merged.get("bsr"), dict):
-            merged["bsr"] = {**merged["bsr"], **value}
-        else:
-            merged[key] = value
+def merge_options(*layers: dict) -> dict:
+    """Layers of TrainConfig values, later ones winning; the `bsr` sub-mapping merges key by key."""
+    merged: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key == "bsr" and isinstance(value, dict) and isinstance(merged.get("bsr"), dict):
+                merged["bsr"] = {**merged["bsr"], **value}
+            else:
+                merged[key] = value
     return merged
 
 
@@ -292,10 +294,8 @@ def resolve_config(flags: Optional[dict] = None, config_file: Optional[str | Pat
     if recipe is not None:
         if not isinstance(recipe, str):
             raise BSRError(f"recipe={recipe!r} has the wrong type; expected str")
-        values = _merge(values, recipe_values(recipe, dataset))
-    for layer in (file_values, flags):
-        values = _merge(values, layer)
-    return make_config(values)
+        values = recipe_values(recipe, dataset)
+    return make_config(merge_options(values, file_values, flags))
 
 
 # ------------------------------------------------------------------------------------------------- learning rate

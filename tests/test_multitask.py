@@ -7,8 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import bsr.train as train_mod
-from bsr.checkpoint import read_checkpoint
+from bsr.checkpoint import read_checkpoint, unflatten_optimizer
 from bsr.errors import BSRError
 from bsr.moe import MoEMlp, MultiTaskViT
 from bsr.train import build_optimizer, evaluate_run, export_weights, make_config, setup_model, train
@@ -49,7 +48,7 @@ def test_every_step_is_one_optimizer_step_per_task(tmp_path):
     tensors, meta = read_checkpoint(tmp_path / "run")
     model = setup_model(cfg, torch.device("cpu"))
     optimizer = build_optimizer(cfg, model)
-    optimizer.load_state_dict(train_mod.unflatten_optimizer(tensors, meta["optimizer"]))
+    optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
     names = {id(p): n for n, p in model.named_parameters()}
     steps = {names[id(p)]: int(optimizer.state[p]["step"]) for g in optimizer.param_groups for p in g["params"]}
     assert steps["heads.0.weight"] == steps["heads.1.weight"] == 3  # a head steps only on its own task's batch
@@ -80,24 +79,11 @@ def test_moe_blocks_and_weight_decay(tmp_path):
         assert decay[name] == 0.0, name
 
 
-class Killed(Exception):
-    pass
-
-
-def test_resume_after_a_kill_reaches_the_same_weights(tmp_path, monkeypatch):
+def test_resume_after_a_kill_reaches_the_same_weights(tmp_path, killed_at_step):
     common = dict(steps=6, eval_every=2)
     train(tiny(tmp_path, "straight", **common), progress=False)
-    real_lr_at = train_mod.lr_at
-
-    def lr_at_then_kill(step, **kw):
-        if step == 3:
-            raise Killed
-        return real_lr_at(step, **kw)
-
-    monkeypatch.setattr(train_mod, "lr_at", lr_at_then_kill)
-    with pytest.raises(Killed):
+    with killed_at_step(3):
         train(tiny(tmp_path, "killed", **common), progress=False)
-    monkeypatch.setattr(train_mod, "lr_at", real_lr_at)
     report = train(tiny(tmp_path, "killed", **common), resume=tmp_path / "killed", progress=False)
     straight, _ = read_checkpoint(tmp_path / "straight")
     resumed, meta = read_checkpoint(tmp_path / "killed")

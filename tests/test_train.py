@@ -9,7 +9,6 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-import bsr.train as train_mod
 from bsr.checkpoint import read_checkpoint
 from bsr.errors import BSRError
 from bsr.train import TrainConfig, build_optimizer, lr_at, make_config, resolve_config, setup_model, train
@@ -155,28 +154,14 @@ def test_training_writes_config_metrics_report_and_checkpoint(tmp_path):
     assert "param.patch_embed.proj.weight" not in trained  # frozen: comes back from the base weights
 
 
-class Killed(Exception):
-    """Stands in for SIGKILL: the run stops between two steps, after its last checkpoint."""
-
-
 @pytest.mark.parametrize("method", ["bsr", "lora"])
-def test_resume_after_a_kill_reaches_the_same_weights(tmp_path, monkeypatch, method):
+def test_resume_after_a_kill_reaches_the_same_weights(tmp_path, killed_at_step, method):
     # 4 steps per epoch, checkpoints at steps 3, 6, 9; the kill lands at step 7 (mid-epoch, after a checkpoint)
     common = dict(method=method, steps=9, eval_every=3, lora_rank=2)
     train(tiny(tmp_path, "straight", **common), progress=False)
-
-    real_lr_at = train_mod.lr_at
-
-    def lr_at_then_kill(step, **kw):
-        if step == 7:
-            raise Killed
-        return real_lr_at(step, **kw)
-
-    monkeypatch.setattr(train_mod, "lr_at", lr_at_then_kill)
-    with pytest.raises(Killed):
+    with killed_at_step(7):
         train(tiny(tmp_path, "killed", **common), progress=False)
     assert read_checkpoint(tmp_path / "killed")[1]["step"] == 6
-    monkeypatch.setattr(train_mod, "lr_at", real_lr_at)
     train(tiny(tmp_path, "killed", **common), resume=tmp_path / "killed", progress=False)
 
     straight, meta_a = read_checkpoint(tmp_path / "straight")
