@@ -933,9 +933,8 @@ def summary_lines(report: dict) -> list[str]:
         f"  peak memory    {report['peak_memory_mib']:.0f} MiB",
         f"  run dir        {report['config']['out']}",
     ]
-    for name, task_acc in acc.get("tasks", {}).items():
-        lines.insert(2 + list(acc["tasks"]).index(name),
-                     f"    {name:<16} final {task_acc['final']:.2f}%  best {task_acc['best']:.2f}%")
+    lines[2:2] = [f"    {name:<16} final {t['final']:.2f}%  best {t['best']:.2f}%"  # under the mean's line
+                  for name, t in acc.get("tasks", {}).items()]
     dp = report["data_parallel"]
     if dp["world_size"] > 1:
         lines.insert(-1, f"  data parallel  {dp['world_size']} processes ({dp['backend']}), "
