@@ -10,6 +10,7 @@ A study file holds:
     name: offline                      # optional; default out dir runs/study-<name>
     base: {TrainConfig options}        # the keys of `bsr train --config`
     datasets: [digits-embedded, ...]   # target tasks of every run entry (unless an entry names its own)
+                                       # "a+b+c": one multi-task run (`bsr train --tasks a,b,c`)
     seeds: [0, 1, 2]
     per_dataset: {sklearn-digits: {epochs: 10}}   # options for one dataset, over base
     runs:                              # the grid points, each a name plus TrainConfig overrides
