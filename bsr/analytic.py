@@ -32,9 +32,9 @@ from typing import Iterator, Optional, Sequence
 
 from torch import nn
 
-from .config import BSRConfig
+from .core.config import BSRConfig
 from .errors import BSRError
-from . import ops
+from .core import ops
 
 ACT_BYTES = 4  # activations counted at 32 bit
 TRAINABLE_PARAM_BYTES = 4  # trainable weights at 32 bit

@@ -40,10 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import allocator, measure
-from .config import BSRConfig
+from .core.config import BSRConfig
 from .errors import BSRError
 from .methods import apply_method, count_params, host, tokens_per_block
-from .moe import moe_layers
+from .core.moe import moe_layers
 
 LEAN = "bsr-lean"  # method bsr with BSRConfig.preset("lean"), recorded under its own name
 BENCH_METHODS = ("full", "head", "bitfit", "last-k", "lora", "tokendrop", "bsr", LEAN)
@@ -146,8 +146,8 @@ class BenchSpec:
             raise BSRError(f"optimizer={self.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}")
         depth = len(meta_model(self).blocks)  # bad model names and sizes fail here
         if self.moe:
-            from .config import parse_blocks
-            from .moe import DEFAULT_MOE_BLOCKS
+            from .core.config import parse_blocks
+            from .core.moe import DEFAULT_MOE_BLOCKS
 
             parse_blocks(list(DEFAULT_MOE_BLOCKS), depth, "moe_blocks")  # the MoE blocks must exist
         for name in self.methods:
@@ -190,7 +190,7 @@ def meta_model(spec: BenchSpec) -> nn.Module:
     """The benchmarked model with shapes only (for the analytic formula and up-front checks)."""
     import timm
 
-    from . import models  # noqa: F401  (registers vit_micro_patch4_28)
+    from .core import models  # noqa: F401  (registers vit_micro_patch4_28)
 
     if not timm.is_model(spec.model):
         close = timm.list_models(f"*{spec.model.split('_')[0]}*")[:5]
@@ -235,8 +235,8 @@ def _unpatched(spec: BenchSpec, name: str) -> nn.Module:
     `TaskStep` on task 0) with MoE layers (`moe-*`) or dense (`dense-full`). Random weights, seeded."""
     import timm
 
-    from . import models  # noqa: F401  (registers vit_micro_patch4_28)
-    from .moe import build_multitask
+    from .core import models  # noqa: F401  (registers vit_micro_patch4_28)
+    from .core.moe import build_multitask
 
     torch.manual_seed(spec.seed)  # every method starts from the same weights
     if not spec.moe:
@@ -252,7 +252,7 @@ def build(spec: BenchSpec, name: str, device: torch.device) -> nn.Module:
     With `moe`: full trains every parameter; bsr is `reprogram_multitask` (the MoE blocks are the trainable blocks,
     all task heads train). The router noise stays on (train mode), as in training.
     """
-    from .moe import reprogram_multitask
+    from .core.moe import reprogram_multitask
 
     method, config = method_config(spec, name)
     model = _unpatched(spec, name)

@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .bench import BenchSpec, run_bench
-from .config import BSRConfig
+from .core.config import BSRConfig
 
 _OWN_FLAGS = ("command", "run", "out", "compare_analytic", "in_process")
 

@@ -13,7 +13,7 @@ import types
 from dataclasses import MISSING, fields
 from typing import Any, Callable, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
-from .config import PRESETS, BSRConfig
+from .core.config import PRESETS, BSRConfig
 from .errors import BSRError
 
 EXIT_USER_ERROR = 2

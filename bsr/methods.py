@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import BSRConfig
+from .core.config import BSRConfig
 from .errors import BSRError
 
 METHODS = ("bsr", "full", "head", "bitfit", "last-k", "lora", "tokendrop")
@@ -68,7 +68,7 @@ def apply_method(model: nn.Module, method: str, *, bsr: BSRConfig | None = None,
 
 
 def _reprogram(model: nn.Module, config: BSRConfig) -> nn.Module:
-    from .patch import reprogram  # the BSR patch owns freezing, the no-grad prefix and token dropping
+    from .core.patch import reprogram  # the BSR patch owns freezing, the no-grad prefix and token dropping
     return reprogram(model, config)
 
 

@@ -805,7 +805,7 @@ def show_tokens(run_dir: str | Path, images: Sequence[str] = (), dataset_images:
     import numpy as np
     import torch
 
-    from .patch import bsr_state, kept_patch_indices, record_kept_tokens
+    from .core.patch import bsr_state, kept_patch_indices, record_kept_tokens
     from .train import backbone, build_data, image_size, load_run
 
     if not images and dataset_images < 1:

@@ -43,7 +43,7 @@ from .checkpoint import CHECKPOINT_NAME, atomic_write_bytes, load_trainable, rea
 from .checkpoint import set_rng_state
 from .checkpoint import unflatten_optimizer
 from . import distributed
-from .config import BSRConfig
+from .core.config import BSRConfig
 from .distributed import Group
 from .errors import BSRError
 from .methods import METHODS, apply_method, count_params, format_tokens, host, tokens_per_block
@@ -319,7 +319,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The timm model of `cfg` with its base weights (pretrained, local checkpoint, embedded or none)."""
     import timm
 
-    from . import models  # noqa: F401  (registers vit_micro_patch4_28)
+    from .core import models  # noqa: F401  (registers vit_micro_patch4_28)
 
     kwargs = {k: v for k, v in (("img_size", cfg.img_size), ("patch_size", cfg.patch_size)) if v is not None}
     if not timm.is_model(cfg.model):
@@ -655,7 +655,7 @@ def build_multitask_model(cfg: TrainConfig) -> nn.Module:
     the BSR trainable blocks) turned into MoE layers with one gate per task (unless `moe` is off), one linear head per
     task, and the method applied to the backbone; the task heads always train."""
     from .data import dataset_info
-    from .moe import MultiTaskViT, moeify
+    from .core.moe import MultiTaskViT, moeify
 
     vit = build_model(cfg, num_classes=0)
     if cfg.moe:
@@ -669,7 +669,7 @@ def build_multitask_model(cfg: TrainConfig) -> nn.Module:
 
 def backbone(model: nn.Module) -> nn.Module:
     """The timm ViT inside `model`: a multi-task model's backbone, a peft model's base model, or `model`."""
-    from .moe import MultiTaskViT
+    from .core.moe import MultiTaskViT
 
     return model.backbone if isinstance(model, MultiTaskViT) else host(model)
 
@@ -730,7 +730,7 @@ def train_in_group(cfg: TrainConfig, dp: Group, resume: Optional[str | Path] = N
     single-task run). An epoch is a pass over the largest task's training set; smaller tasks cycle their own
     seeded epochs faster.
     """
-    from .moe import moe_aux_loss, set_moe_task
+    from .core.moe import moe_aux_loss, set_moe_task
 
     device = dp.device
     if cfg.batch_size % dp.world_size:
@@ -1000,7 +1000,7 @@ def export_weights(run: str | Path, out: str | Path, dtype: str = "fp32") -> dic
     `heads.{t}.*`, the task order and names in the metadata."""
     from safetensors.torch import save as st_save
 
-    from .patch import bsr_state, restore
+    from .core.patch import bsr_state, restore
 
     cfg, model = load_run(run, torch.device("cpu"))
     if hasattr(model, "merge_and_unload"):

@@ -8,7 +8,7 @@ import torch
 
 from bsr import BSRConfig, BSRError
 from bsr.analytic import MIB, analytic_memory_bytes, method_memory_bytes
-from bsr.ops import token_counts
+from bsr.core.ops import token_counts
 
 F32 = 4
 

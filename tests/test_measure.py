@@ -226,7 +226,7 @@ def test_param_grad_and_optimizer_bytes():
 
 def _micro_bsr() -> nn.Module:
     import bsr
-    from bsr.patch import reprogram
+    from bsr.core.patch import reprogram
 
     torch.manual_seed(0)
     model = timm.create_model("vit_micro_patch4_28", pretrained=False)  # 12 blocks, 50 tokens, width 96
@@ -241,7 +241,7 @@ def test_reprogrammed_frozen_prefix_saves_nothing():
 
 
 def test_reprogrammed_forward_macs_follow_the_token_table():
-    from bsr.ops import token_counts
+    from bsr.core.ops import token_counts
 
     model = _micro_bsr()
     width, hidden = 96, 384

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import bsr  # noqa: F401  (registers vit_micro_patch4_28)
-from bsr.config import BSRConfig
+from bsr.core.config import BSRConfig
 from bsr.errors import BSRError
 from bsr.methods import apply_method, count_params, format_tokens, host, lora_targets, tokens_per_block
 

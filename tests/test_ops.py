@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bsr.ops import (cls_attention_scores, drop_tokens, fuse_tokens, gather_tokens, kept_count, select_tokens,
+from bsr.core.ops import (cls_attention_scores, drop_tokens, fuse_tokens, gather_tokens, kept_count, select_tokens,
                      token_counts)
 
 

@@ -10,7 +10,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 import bsr
 from bsr import BSRConfig, BSRError
-from bsr.ops import cls_attention_scores
+from bsr.core.ops import cls_attention_scores
 
 # (name, timm kwargs): the families the patch promises, shrunk to 4-6 blocks and 16-32 px.
 MODELS = {

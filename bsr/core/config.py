@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Sequence, Union
 
-from .errors import BSRError
+from ..errors import BSRError
 
 BlockSpec = Union[str, Sequence[int]]
 

@@ -41,8 +41,8 @@ from timm.layers import Mlp
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from ..errors import BSRError
 from .config import BSRConfig, BlockSpec, parse_blocks
-from .errors import BSRError
 from .patch import reprogram
 
 DEFAULT_MOE_BLOCKS = (3, 7, 11)

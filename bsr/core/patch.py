@@ -21,8 +21,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import BSRError
 from .config import BSRConfig, ResolvedBSR
-from .errors import BSRError
 from .ops import cls_attention_scores, drop_tokens, token_counts
 
 _STATE = "_bsr_state"
