@@ -16,6 +16,7 @@ from PIL import Image
 
 from bsr import data
 from bsr.data import DATASETS, build_dataset, dataset_info, read_idx
+from bsr.data.registry import _CIFAR10_CLASSES
 from bsr.errors import BSRError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -437,7 +438,7 @@ def test_cifar10_with_wrong_checksums_is_reported_as_corrupted(tmp_path):
     batch = {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (base / name).write_bytes(pickle.dumps(batch))
-    (base / "batches.meta").write_bytes(pickle.dumps({"label_names": list(data._CIFAR10_CLASSES)}))
+    (base / "batches.meta").write_bytes(pickle.dumps({"label_names": list(_CIFAR10_CLASSES)}))
     with pytest.raises(BSRError) as err:
         build_dataset("cifar10", "train", img_size=32, train=True, data_dir=str(tmp_path))
     assert_one_line(err, "corrupted", "cifar-10-batches-py")
