@@ -3,7 +3,7 @@
 from .core import (BSRConfig, bsr_state, kept_patch_indices, parse_blocks, record_kept_tokens, reprogram, restore,
                    summary)
 from .errors import BSRError
+from .version import __version__
 
-__all__ = ["BSRConfig", "BSRError", "bsr_state", "kept_patch_indices", "parse_blocks", "record_kept_tokens",
-           "reprogram", "restore", "summary"]
-__version__ = "0.1.0"
+__all__ = ["BSRConfig", "BSRError", "__version__", "bsr_state", "kept_patch_indices", "parse_blocks",
+           "record_kept_tokens", "reprogram", "restore", "summary"]

@@ -42,7 +42,7 @@ from torch import nn
 from . import allocator, measure
 from .core.config import BSRConfig
 from .errors import BSRError
-from .methods import apply_method, count_params, host, tokens_per_block
+from .train.methods import apply_method, count_params, host, tokens_per_block
 from .core.moe import moe_layers
 
 LEAN = "bsr-lean"  # method bsr with BSRConfig.preset("lean"), recorded under its own name
@@ -507,7 +507,7 @@ def source_commit() -> Optional[str]:
 def versions() -> dict:
     import timm
 
-    from . import __version__
+    from .version import __version__
 
     return {"bsr": __version__, "commit": source_commit(), "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version()}

@@ -100,7 +100,7 @@ def _multitask_lines(spec: dict) -> list[str]:
 
 def _tokens(counts: list) -> str:
     """`0-2: 197/197, 3: 197/100, ...` (attention/MLP tokens, runs of equal blocks merged)."""
-    from .methods import format_tokens
+    from .train.methods import format_tokens
 
     return format_tokens([tuple(c) for c in counts])
 

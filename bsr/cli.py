@@ -108,7 +108,7 @@ _RESUME_FLAGS = ("device", "workers", "threads")
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .distributed import is_main
+    from .train.distributed import is_main
     from .train import config_of_run, resolve_config, summary_lines, train
 
     flags = flags_to_values(args, ignore=("command", "run", "config_file", "resume", "no_progress"))

@@ -226,7 +226,7 @@ def _comparable(config: dict) -> dict:
 
 def run_state(run_dir: Path, config: dict) -> str:
     """"done" (report.json), "resume" (checkpoint only) or "new"; refuses a directory holding another config."""
-    from .checkpoint import CHECKPOINT_NAME
+    from .train.checkpoint import CHECKPOINT_NAME
 
     saved = None
     if (run_dir / "report.json").is_file():
@@ -267,8 +267,9 @@ def measure_config(config: dict, warmup: int = 1, steps: int = 1, mmap_threshold
     from . import allocator, measure
     from .data import dataset_info
     from .bench import release_memory
-    from .methods import count_params
-    from .train import backbone, build_optimizer, image_size, make_config, pick_device, setup_model
+    from .train.methods import count_params
+    from .train import build_optimizer, make_config, pick_device, setup_model
+    from .train.build import backbone, image_size
 
     cfg = make_config(config)
     if mmap_threshold:
@@ -324,7 +325,7 @@ def execute(kind: str, payload: dict) -> dict:
         if kind == "train":
             report = train_run(payload["config"], payload["run_dir"], payload["resume"])
             return {"ok": True, "best": report["accuracy"]["best"]}
-        from .checkpoint import atomic_write_bytes
+        from .files import atomic_write_bytes
 
         record = {**measure_config(payload["config"], **payload["measure"]), "config": payload["config"],
                   "measure": payload["measure"]}
@@ -639,7 +640,7 @@ def collect(study: Study, out: Path) -> dict:
     import torch
 
     from .bench import machine
-    from .train import environment
+    from .train.runs import environment
 
     cpu = torch.device("cpu")
     meta = {"name": study.name, "measure": study.measure, "datasets": study.datasets, "points": study.points,
@@ -764,7 +765,7 @@ def plot_accuracy_vs_memory(data: dict, path: str | Path) -> None:
 
 def write_outputs(data: dict, out: Path) -> None:
     """study.json, study.md and accuracy_vs_memory.png in `out`."""
-    from .checkpoint import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     atomic_write_bytes(out / "study.json", (json.dumps(data, indent=2) + "\n").encode())
     atomic_write_bytes(out / "study.md", study_markdown(data).encode())
@@ -806,7 +807,9 @@ def show_tokens(run_dir: str | Path, images: Sequence[str] = (), dataset_images:
     import torch
 
     from .core.patch import bsr_state, kept_patch_indices, record_kept_tokens
-    from .train import backbone, build_data, image_size, load_run
+    from .train import load_run
+    from .train.batches import build_data
+    from .train.build import backbone, image_size
 
     if not images and dataset_images < 1:
         raise BSRError("no images: pass image files or --dataset-images N")

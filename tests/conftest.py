@@ -4,7 +4,7 @@ import contextlib
 
 import pytest
 
-import bsr.train as train_mod
+import bsr.train.loop as loop_mod
 
 
 class Killed(Exception):
@@ -18,18 +18,18 @@ def killed_at_step(monkeypatch):
 
     @contextlib.contextmanager
     def killed(step: int):
-        real_lr_at = train_mod.lr_at
+        real_lr_at = loop_mod.lr_at
 
         def lr_at_then_kill(s, **kw):
             if s == step:
                 raise Killed
             return real_lr_at(s, **kw)
 
-        monkeypatch.setattr(train_mod, "lr_at", lr_at_then_kill)
+        monkeypatch.setattr(loop_mod, "lr_at", lr_at_then_kill)
         try:
             with pytest.raises(Killed):
                 yield
         finally:
-            monkeypatch.setattr(train_mod, "lr_at", real_lr_at)
+            monkeypatch.setattr(loop_mod, "lr_at", real_lr_at)
 
     return killed

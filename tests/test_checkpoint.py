@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import save_file
 
 import bsr  # noqa: F401
-from bsr.checkpoint import (CHECKPOINT_NAME, atomic_write_bytes, load_trainable, read_checkpoint, rng_state,
-                            save_checkpoint, set_rng_state, unflatten_optimizer)
 from bsr.errors import BSRError
-from bsr.methods import apply_method
+from bsr.files import atomic_write_bytes
+from bsr.train.checkpoint import (CHECKPOINT_NAME, load_trainable, read_checkpoint, rng_state, save_checkpoint,
+                                  set_rng_state, unflatten_optimizer)
+from bsr.train.methods import apply_method
 
 
 def trained_pair():
@@ -88,7 +89,7 @@ def test_real_file_size_limit_keeps_the_previous_checkpoint(tmp_path):
     before = (tmp_path / CHECKPOINT_NAME).read_bytes()
     script = textwrap.dedent(f"""
         import resource, signal, sys
-        from bsr.checkpoint import atomic_write_bytes
+        from bsr.files import atomic_write_bytes
         from bsr.errors import BSRError
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
         resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import bsr  # noqa: F401
-from bsr.checkpoint import CHECKPOINT_NAME
+from bsr.train.checkpoint import CHECKPOINT_NAME
 from bsr.cli import EXIT_USER_ERROR, main
 
 TINY = ["--img-size", "16", "--checkpoint", "none", "--limit", "32", "--batch-size", "16", "--steps", "2",

@@ -17,12 +17,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import bsr.train as train_mod
-from bsr.checkpoint import read_checkpoint
-from bsr.distributed import Group, gradient_bytes, launched, wrap
+import bsr.train.loop as loop_mod
+from bsr.train.checkpoint import read_checkpoint
+from bsr.train.distributed import Group, gradient_bytes, launched, wrap
 from bsr.errors import BSRError
-from bsr.methods import METHODS
-from bsr.train import EpochBatches, make_config, setup_model, train, train_in_group
+from bsr.train.methods import METHODS
+from bsr.train import make_config, setup_model, train, train_in_group
+from bsr.train.batches import EpochBatches
 
 LOOPBACK = {"MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
 
@@ -67,14 +68,14 @@ def _rank_main(rank: int, world_size: int, port: int, values: dict, kill_at: int
 
     sys.addaudithook(audit)
     if kill_at is not None:
-        real_lr_at = train_mod.lr_at
+        real_lr_at = loop_mod.lr_at
 
         def lr_at_then_kill(step, **kw):
             if step == kill_at:
                 raise Killed
             return real_lr_at(step, **kw)
 
-        train_mod.lr_at = lr_at_then_kill
+        loop_mod.lr_at = lr_at_then_kill
     try:
         train(make_config(values), progress=False)
     finally:

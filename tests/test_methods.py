@@ -8,7 +8,7 @@ from torch import nn
 import bsr  # noqa: F401  (registers vit_micro_patch4_28)
 from bsr.core.config import BSRConfig
 from bsr.errors import BSRError
-from bsr.methods import apply_method, count_params, format_tokens, host, lora_targets, tokens_per_block
+from bsr.train.methods import apply_method, count_params, format_tokens, host, lora_targets, tokens_per_block
 
 DEPTH = 4
 

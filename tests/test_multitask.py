@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bsr.checkpoint import read_checkpoint, unflatten_optimizer
+from bsr.train.checkpoint import read_checkpoint, unflatten_optimizer
 from bsr.errors import BSRError
 from bsr.core.moe import MoEMlp, MultiTaskViT
 from bsr.train import build_optimizer, evaluate_run, export_weights, make_config, setup_model, train

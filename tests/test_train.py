@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 
 import pytest
 import timm
@@ -9,9 +10,9 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from bsr.checkpoint import read_checkpoint
 from bsr.errors import BSRError
 from bsr.train import TrainConfig, build_optimizer, lr_at, make_config, resolve_config, setup_model, train
+from bsr.train.checkpoint import read_checkpoint
 
 
 def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
@@ -237,3 +238,27 @@ def test_bsr_preset_is_a_base_that_explicit_options_override(tmp_path):
     assert resolve_config({}, tmp_path / "c.yaml").bsr.recompute == "first"
     with pytest.raises(BSRError, match="unknown BSR preset"):
         resolve_config({"bsr": {"preset": "tiny"}})
+
+
+def test_metrics_lines_are_means_over_the_log_window_and_survive_a_resume(tmp_path, killed_at_step):
+    """Loss and top-1 stay on the device between log steps: a line is the mean over the steps since the last one, the
+    weights do not depend on --log-every, and steps collected at a checkpoint between two lines travel in it."""
+    common = dict(steps=8, eval_every=3)
+    train(tiny(tmp_path, "every", log_every=1, **common), progress=False)
+    train(tiny(tmp_path, "window", log_every=4, **common), progress=False)
+    with killed_at_step(7):  # the checkpoint of step 6 holds steps 5 and 6, not yet logged
+        train(tiny(tmp_path, "killed", log_every=4, **common), progress=False)
+    train(tiny(tmp_path, "killed", log_every=4, **common), resume=tmp_path / "killed", progress=False)
+
+    def lines(name):
+        return [json.loads(ln) for ln in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if "loss" in ln]
+
+    every, window = lines("every"), lines("window")
+    assert [ln["step"] for ln in window] == [4, 8]
+    for line, part in zip(window, (every[:4], every[4:])):
+        assert line["loss"] == statistics.fmean(ln["loss"] for ln in part)
+        assert line["train_acc"] == statistics.fmean(ln["train_acc"] for ln in part)
+    strip = [[{k: v for k, v in ln.items() if k != "step_time"} for ln in lines(n)] for n in ("window", "killed")]
+    assert strip[0] == strip[1]
+    a, b = read_checkpoint(tmp_path / "every")[0], read_checkpoint(tmp_path / "window")[0]
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))

@@ -9,9 +9,7 @@ file so that it is replaced in a single `os.replace`: a reader sees the old chec
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,53 +19,11 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .errors import BSRError
+from ..errors import BSRError
+from ..files import atomic_write_bytes
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "bsr-checkpoint-1"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same directory, fsync, then `os.replace`.
-
-    On any OSError (disk full, read-only dir...) the temp file is removed, the old `path` is left untouched, and a
-    one-line `BSRError` is raised.
-    """
-    path = Path(path)
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_dir(path.parent)  # make the rename itself durable
-    except OSError as e:
-        raise BSRError(f"cannot write {path}: {e.strerror or e}; the previous file, if any, is intact") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # not supported everywhere (e.g. Windows); the data itself is already synced
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------------- RNG

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .core.config import BSRConfig
-from .errors import BSRError
+from ..core.config import BSRConfig
+from ..core.patch import reprogram
+from ..errors import BSRError
 
 METHODS = ("bsr", "full", "head", "bitfit", "last-k", "lora", "tokendrop")
 
@@ -68,8 +69,7 @@ def apply_method(model: nn.Module, method: str, *, bsr: BSRConfig | None = None,
 
 
 def _reprogram(model: nn.Module, config: BSRConfig) -> nn.Module:
-    from .core.patch import reprogram  # the BSR patch owns freezing, the no-grad prefix and token dropping
-    return reprogram(model, config)
+    return reprogram(model, config)  # the BSR patch owns freezing, the no-grad prefix and token dropping
 
 
 def _bitfit(model: nn.Module) -> nn.Module:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .errors import BSRError
+from ..errors import BSRError
 
 # ViT-B/16 with SGD: the paper's learning rate per dataset (others fall back to 1e-3), and its step budget.
 VIT_SGD_LR = {"cifar10": 1e-3, "cifar100": 1e-2, "pets": 1e-3, "flowers102": 3e-2, "food101": 1e-2}

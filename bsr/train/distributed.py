@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .errors import BSRError
+from ..errors import BSRError
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -62,6 +62,14 @@ class Group:
         if not self.enabled:
             return list(values)
         return [v / self.world_size for v in self.all_reduce_sum(values)]
+
+    def mean_(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` (float64, on this rank's device) replaced by its mean over ranks, in one all-reduce; `t` itself in a
+        single process."""
+        if self.enabled:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= self.world_size
+        return t
 
     def broadcast(self, value: Any) -> Any:
         """Rank 0's `value` on every rank (any picklable object), e.g. a run directory named after the clock."""

@@ -1,0 +1,169 @@
+"""The one model builder of `bsr`, used by training, `bsr bench` and `bsr study`: a timm ViT with its base weights,
+the fine-tuning method applied (`bsr.train.methods`), or the multi-task model of SPEC section 5 (`bsr.core.moe`).
+
+Base weights: timm's pretrained ones (`pretrained`), a local file (`checkpoint`: .safetensors, .npz or weights-only
+.pth/.pt), the embedded Fashion-MNIST weights of the embedded model, or none (random init).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import timm
+import torch
+from torch import nn
+
+from ..core import models  # noqa: F401  (registers vit_micro_patch4_28)
+from ..core.moe import MultiTaskViT, moeify
+from ..data import dataset_info
+from ..errors import BSRError
+from .config import EMBEDDED_MODEL, TrainConfig
+from .methods import apply_method, host
+
+EMBEDDED_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "vit_micro_fashion.safetensors"
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The timm model of `cfg` with its base weights (pretrained, local checkpoint, embedded or none)."""
+    kwargs = {k: v for k, v in (("img_size", cfg.img_size), ("patch_size", cfg.patch_size)) if v is not None}
+    if not timm.is_model(cfg.model):
+        close = timm.list_models(f"*{cfg.model.split('_')[0]}*")[:5]
+        raise BSRError(f"unknown model {cfg.model!r}; try one of {', '.join(close) or 'timm.list_models()'}")
+    try:
+        model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes, **kwargs)
+    except (RuntimeError, ValueError, TypeError, AssertionError, OSError) as e:
+        raise BSRError(f"cannot build model {cfg.model!r} with {kwargs or 'its defaults'}: "
+                       f"{' '.join(str(e).split())[:200]}") from None
+    cfg.bsr.resolve(len(getattr(model, "blocks", ())))  # bad block indices fail before any weights are read
+    weights = base_weights_path(cfg)
+    if weights is not None:
+        load_base_weights(model, weights)
+    return model
+
+
+def base_weights_path(cfg: TrainConfig) -> Optional[Path]:
+    """The local weights file `cfg.checkpoint` points at ("auto": embedded weights for the embedded model)."""
+    if cfg.checkpoint == "none":
+        return None
+    if cfg.checkpoint == "auto":
+        if cfg.model == EMBEDDED_MODEL and not cfg.pretrained:
+            if not EMBEDDED_WEIGHTS.is_file():
+                raise BSRError(f"embedded weights {EMBEDDED_WEIGHTS} are missing; rebuild them "
+                               f"(bsr/assets/README.md) or pass --checkpoint none")
+            return EMBEDDED_WEIGHTS
+        return None
+    path = Path(cfg.checkpoint).expanduser()
+    if not path.is_file():
+        raise BSRError(f"checkpoint={cfg.checkpoint!r}: no such file")
+    return path
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or .pth/.pt (weights only, never arbitrary pickles)."""
+    from safetensors.torch import load_file
+
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        if path.suffix in (".pth", ".pt", ".bin"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            for key in ("model", "state_dict", "model_ema"):
+                if isinstance(state, dict) and isinstance(state.get(key), dict):
+                    state = state[key]
+            return state
+    except Exception as e:  # any parse failure of a user file is a user error: report it in one line
+        raise BSRError(f"cannot read weights {path}: {type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
+    raise BSRError(f"weights {path} have an unknown format; use .safetensors, .npz, .pth or .pt")
+
+
+def load_base_weights(model: nn.Module, path: Path) -> None:
+    """Load `path` into `model`: timm adapts pos_embed/patch size, a head of another size is left at init."""
+    if path.suffix == ".npz":
+        try:
+            model.load_pretrained(str(path))  # timm's own loader for the big_vision/JAX checkpoints
+        except Exception as e:
+            raise BSRError(f"cannot load npz weights {path}: {type(e).__name__}: {str(e)[:160]}") from None
+        return
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = read_weights(path)
+    try:
+        state = checkpoint_filter_fn(state, model)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {str(e)[:160]}"
+        raise BSRError(f"weights {path} do not fit {type(model).__name__}: {reason}") from None
+    own = model.state_dict()
+    # A head trained for another number of classes is dropped: fine-tuning starts with a fresh head.
+    state = {k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape and k.startswith("head."))}
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state and not k.startswith("head.")]
+    if mismatched or missing:
+        key = (mismatched or missing)[0]
+        raise BSRError(f"weights {path} do not fit model: {'shape of' if mismatched else 'missing'} {key!r}; "
+                       f"check --model, --img-size and --patch-size")
+    model.load_state_dict(state, strict=False)
+
+
+
+def pick_device(name: str) -> torch.device:
+    """The torch device `name` says ("auto": CUDA if present, else CPU); a one-line error for a bad or absent one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BSRError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BSRError(f"device={name!r} but CUDA is not available; use --device cpu")
+    return device
+
+
+
+def setup_model(cfg: TrainConfig, device: torch.device, num_classes: Optional[int] = None,
+                task_classes: Optional[Sequence[int]] = None, apply: bool = True) -> nn.Module:
+    """Build, load base weights, apply the method; seeded so new parameters (head, LoRA) are reproducible.
+
+    With `cfg.tasks`: a `bsr.core.moe.MultiTaskViT` (see `build_multitask_model`) with heads of `task_classes`
+    classes (default: each task dataset's). Otherwise the timm model with a head of `num_classes` (default:
+    `cfg.num_classes`, else the dataset's). `apply=False` leaves the method out (the host model as built, e.g. for an
+    inference baseline).
+    """
+    torch.manual_seed(cfg.seed)
+    if cfg.tasks:
+        classes = task_classes or [dataset_info(name).num_classes for name in cfg.tasks]
+        model = build_multitask_model(cfg, classes, apply)
+    else:
+        model = build_model(cfg, num_classes or cfg.num_classes or dataset_info(cfg.dataset).num_classes)
+        if apply:
+            model = apply_method(model, cfg.method, bsr=cfg.bsr, last_k=cfg.last_k, lora_rank=cfg.lora_rank,
+                                 lora_alpha=cfg.lora_alpha)
+    if cfg.grad_checkpointing:
+        backbone(model).set_grad_checkpointing(True)
+    return model.to(device)
+
+
+def build_multitask_model(cfg: TrainConfig, task_classes: Sequence[int], apply: bool = True) -> MultiTaskViT:
+    """The multi-task model of `cfg` (SPEC section 5): the base ViT without its head, its MLPs at `moe_blocks` (default
+    the BSR trainable blocks) turned into MoE layers with one gate per task (unless `moe` is off), one linear head per
+    task (`task_classes` classes each), and (if `apply`) the method applied to the backbone; the task heads always
+    train."""
+    vit = build_model(cfg, num_classes=0)
+    if cfg.moe:
+        blocks = cfg.moe_blocks if cfg.moe_blocks is not None else cfg.bsr.resolve(len(vit.blocks)).trainable_blocks
+        moeify(vit, blocks, cfg.moe_experts, cfg.moe_top_k, len(task_classes), cfg.moe_aux_loss, cfg.moe_router_noise)
+    model = MultiTaskViT(vit, list(task_classes))
+    if apply:
+        apply_method(model.backbone, cfg.method, bsr=cfg.bsr, last_k=cfg.last_k)
+        model.heads.requires_grad_(True)
+    return model
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The timm ViT inside `model`: a multi-task model's backbone, a peft model's base model, or `model`."""
+    return model.backbone if isinstance(model, MultiTaskViT) else host(model)
+
+
+def image_size(model: nn.Module) -> int:
+    """Input side length in pixels of `model`'s ViT."""
+    return int(backbone(model).patch_embed.img_size[0])

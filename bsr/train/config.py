@@ -1,0 +1,267 @@
+"""The one config of a `bsr train` run: `TrainConfig` (a dataclass, a help string per field) and its layering.
+
+Values layer as dataclass defaults -> `--recipe` (`bsr.train.recipes`) -> YAML `--config` -> command-line flags;
+unknown keys and wrong types are one-line `BSRError`s, and the resolved config is saved with every artifact
+(`config.yaml`, the checkpoint, `report.json`).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from ..core.config import BSRConfig
+from ..errors import BSRError
+from .methods import METHODS
+from .recipes import RECIPE_NAMES, recipe_values
+
+EMBEDDED_MODEL = "vit_micro_patch4_28"  # the embedded default's model (`bsr.core.models`); weights: `bsr.train.build`
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with a help string (mutable defaults are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a `bsr train` run depends on. The defaults are the embedded default run."""
+
+    # model
+    model: str = _f(EMBEDDED_MODEL, "timm model name (any ViT/DeiT)")
+    img_size: Optional[int] = _f(None, "input size in pixels (default: the model's)")
+    patch_size: Optional[int] = _f(None, "patch size (default: the model's)")
+    num_classes: Optional[int] = _f(None, "classes of the head (default: the dataset's)")
+    pretrained: bool = _f(False, "load timm's pretrained weights (downloads them)")
+    checkpoint: str = _f("auto", 'base weights: .safetensors, .npz (timm loader) or .pth/.pt (weights only); "auto" '
+                                 "= the embedded Fashion-MNIST weights for vit_micro_patch4_28, else none; "
+                                 '"none" = random init')
+    # data
+    dataset: str = _f("digits-embedded", "dataset name (see bsr.data.DATASETS)")
+    data_dir: Optional[str] = _f(None, "folder holding the dataset (default: the dataset's own)")
+    download: bool = _f(False, "let torchvision download a missing dataset")
+    limit: Optional[int] = _f(None, "use only this many images of each split (class-stratified)")
+    rrc_scale: Optional[list[float]] = _f(None, "RandomResizedCrop scale range for training, e.g. 0.5,1 (none: resize)")
+    hflip: bool = _f(False, "random horizontal flips in training")
+    mean: list[float] = _f([0.5, 0.5, 0.5], "per-channel normalisation mean")
+    std: list[float] = _f([0.5, 0.5, 0.5], "per-channel normalisation std")
+    # method
+    method: str = _f("bsr", f"fine-tuning method: {', '.join(METHODS)}")
+    bsr: BSRConfig = field(default_factory=BSRConfig, metadata={"help": "BSR options"})
+    last_k: int = _f(3, "blocks trained by --method last-k")
+    lora_rank: int = _f(8, "LoRA rank (--method lora)")
+    lora_alpha: int = _f(16, "LoRA alpha (--method lora)")
+    # multi-task (SPEC section 5)
+    tasks: Optional[list[str]] = _f(None, "train these datasets together, e.g. fashion-mnist,digits-embedded,"
+                                          "sklearn-digits: shared backbone, one head per task, each step one batch "
+                                          "(forward, backward, optimizer step) of every task in turn; replaces "
+                                          "--dataset")
+    moe: bool = _f(True, "multi-task: the MLPs of --moe-blocks become task-routed mixtures of experts (--no-moe: a "
+                         "dense multi-task ViT)")
+    moe_blocks: Union[str, list[int], None] = _f(None, "multi-task: blocks whose MLP becomes a mixture of experts, "
+                                                       "e.g. 3,7,11 (none: the BSR trainable blocks)")
+    moe_experts: int = _f(16, "multi-task: experts per MoE layer")
+    moe_top_k: int = _f(4, "multi-task: experts each token is routed to")
+    moe_aux_loss: float = _f(0.0, "multi-task: weight of the load-balancing loss (0: off)")
+    moe_router_noise: float = _f(1.0, "multi-task: std of the noise added to router logits in training")
+    # optimisation
+    recipe: Optional[str] = _f(None, f"paper recipe whose values replace the defaults: {', '.join(RECIPE_NAMES)}")
+    optimizer: str = _f("adamw", "sgd or adamw")
+    lr: float = _f(4e-3, "peak learning rate")
+    min_lr: float = _f(1e-5, "learning rate at the end of the cosine schedule")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(0.05, "weight decay (none on 1-D params, pos_embed, cls_token)")
+    layer_decay: Optional[float] = _f(None, "layer-wise lr decay factor, e.g. 0.75 (none: off)")
+    warmup_steps: int = _f(0, "linear warm-up steps (added to --warmup-epochs)")
+    warmup_epochs: float = _f(0.3, "linear warm-up epochs")
+    schedule: str = _f("cosine", "cosine (to --min-lr) or constant, after warm-up")
+    epochs: int = _f(10, "training epochs (ignored if --steps is set)")
+    steps: Optional[int] = _f(None, "training steps (overrides --epochs)")
+    batch_size: int = _f(32, "training batch size")
+    clip_grad: Optional[float] = _f(1.0, "clip the gradient norm to this (none: off)")
+    label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
+    amp: str = _f("off", "mixed precision: off, bf16 or fp16")
+    grad_checkpointing: bool = _f(False, "recompute activations in backward (timm's gradient checkpointing)")
+    # run
+    seed: int = _f(0, "seed of initialisation, data order and augmentation")
+    eval_every: int = _f(0, "evaluate and checkpoint every N steps (0: every epoch)")
+    log_every: int = _f(10, "write a metrics line every N steps (loss and train top-1: means over those steps)")
+    workers: int = _f(0, "data loader worker processes")
+    out: Optional[str] = _f(None, "run directory (default: runs/<method>-<dataset>-<time>)")
+    device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
+    threads: Optional[int] = _f(None, "CPU threads of torch; 1 suits small models and shared machines (spinning "
+                                      "threads stall when cores are busy); none: torch's default (all cores)")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bsr, dict):
+            self.bsr = make_bsr(self.bsr)
+        hints = get_type_hints(TrainConfig)
+        for f in fields(self):
+            if f.name != "bsr":
+                setattr(self, f.name, check_type(f.name, getattr(self, f.name), hints[f.name]))
+        self._check_values()
+
+    def _check_values(self) -> None:
+        choices = {"method": METHODS, "optimizer": ("sgd", "adamw"), "amp": ("off", "bf16", "fp16"),
+                   "schedule": ("cosine", "constant")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise BSRError(f"{name}={getattr(self, name)!r} is not valid; use one of {', '.join(allowed)}")
+        if self.recipe is not None and self.recipe not in RECIPE_NAMES:
+            raise BSRError(f"recipe={self.recipe!r} is unknown; use one of {', '.join(RECIPE_NAMES)}")
+        positive = ("batch_size", "epochs", "log_every", "lora_rank", "last_k", "moe_experts", "moe_top_k")
+        optional_positive = ("img_size", "patch_size", "num_classes", "limit", "steps", "clip_grad", "layer_decay",
+                             "threads")
+        for name in positive + optional_positive:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise BSRError(f"{name}={value} must be positive")
+        for name in ("lr", "min_lr", "weight_decay", "warmup_steps", "warmup_epochs", "eval_every", "workers",
+                     "label_smoothing", "momentum", "moe_aux_loss", "moe_router_noise"):
+            if getattr(self, name) < 0:
+                raise BSRError(f"{name}={getattr(self, name)} must not be negative")
+        if self.rrc_scale is not None and (len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1]
+                                           <= 1):
+            raise BSRError(f"rrc_scale={self.rrc_scale} must be two numbers 0 < low <= high <= 1, e.g. 0.5,1")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != 3:
+                raise BSRError(f"{name}={getattr(self, name)} must have 3 values (R,G,B)")
+        if self.tasks is not None:
+            self._check_tasks()
+
+    def _check_tasks(self) -> None:
+        if not self.tasks:
+            raise BSRError("tasks is empty; name two or more datasets, e.g. --tasks fashion-mnist,sklearn-digits")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise BSRError(f"tasks={','.join(self.tasks)} names a dataset twice; list each once")
+        if self.method == "lora":
+            raise BSRError("method=lora is not supported with --tasks (peft does not wrap the multi-task model); "
+                           "use bsr, full, head, bitfit, last-k or tokendrop")
+        for name in ("num_classes", "layer_decay"):
+            if getattr(self, name) is not None:
+                raise BSRError(f"{name} does not apply to multi-task runs (--tasks); drop it")
+        if self.moe_top_k > self.moe_experts:
+            raise BSRError(f"moe_top_k={self.moe_top_k} is more than moe_experts={self.moe_experts}; use "
+                           f"1 <= moe_top_k <= moe_experts")
+
+    @property
+    def task_names(self) -> list[str]:
+        """The datasets trained: `tasks`, or just `dataset` in a single-task run."""
+        return list(self.tasks) if self.tasks else [self.dataset]
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bsr": self.bsr.to_dict()}
+
+
+
+# ------------------------------------------------------------------------------------------------- config layering
+
+
+def type_name(tp: Any) -> str:
+    """Human name of a type hint: `int`, `float or none`, `list of float`."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join("none" if a is type(None) else type_name(a) for a in args)
+    if origin is list:
+        return f"list of {type_name(args[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def check_type(key: str, value: Any, tp: Any) -> Any:
+    """`value` converted to type hint `tp` (int -> float, tuple -> list), or a `BSRError` naming `key`."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return check_type(key, value, arg)
+            except BSRError:
+                pass
+    elif origin is list and isinstance(value, (list, tuple)):
+        return [check_type(key, v, args[0]) for v in value]
+    elif tp is bool and isinstance(value, bool):
+        return value
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp is str and isinstance(value, str):
+        return value
+    raise BSRError(f"{key}={value!r} has the wrong type; expected {type_name(tp)}")
+
+
+def make_bsr(values: dict) -> BSRConfig:
+    """`BSRConfig` from a dict, refusing unknown keys; a `preset` key names the base the other keys override."""
+    if not isinstance(values, dict):
+        raise BSRError(f"bsr={values!r} must be a mapping of BSR options")
+    values = dict(values)
+    preset = values.pop("preset", "paper")
+    known = {f.name for f in fields(BSRConfig)}
+    for key in values:
+        if key not in known:
+            raise BSRError(f"unknown config key 'bsr.{key}'; BSR options are: preset, {', '.join(sorted(known))}")
+    if not isinstance(preset, str):
+        raise BSRError(f"bsr.preset={preset!r} has the wrong type; expected str")
+    return BSRConfig.preset(preset, **values)
+
+
+def make_config(values: dict) -> TrainConfig:
+    """`TrainConfig` from a (possibly nested) dict, refusing unknown keys and wrong types."""
+    known = {f.name for f in fields(TrainConfig)}
+    for key in values:
+        if key not in known:
+            hint = " (BSR options go under 'bsr:')" if key in {f.name for f in fields(BSRConfig)} else ""
+            raise BSRError(f"unknown config key {key!r}{hint}")
+    return TrainConfig(**values)
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML mapping from `path`, with one-line errors."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise BSRError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise BSRError(f"config file {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise BSRError(f"config file {path} must hold a mapping of options, not {type(data).__name__}")
+    return data
+
+
+def merge_options(*layers: dict) -> dict:
+    """Layers of TrainConfig values, later ones winning; the `bsr` sub-mapping merges key by key."""
+    merged: dict = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key == "bsr" and isinstance(value, dict) and isinstance(merged.get("bsr"), dict):
+                merged["bsr"] = {**merged["bsr"], **value}
+            else:
+                merged[key] = value
+    return merged
+
+
+def resolve_config(flags: Optional[dict] = None, config_file: Optional[str | Path] = None) -> TrainConfig:
+    """Layer dataclass defaults -> recipe -> YAML file -> flags (`flags` holds only options the user gave)."""
+    flags = flags or {}
+    file_values = load_yaml(config_file) if config_file else {}
+    recipe = flags.get("recipe", file_values.get("recipe"))
+    dataset = flags.get("dataset", file_values.get("dataset", TrainConfig.dataset))
+    values: dict = {}
+    if recipe is not None:
+        if not isinstance(recipe, str):
+            raise BSRError(f"recipe={recipe!r} has the wrong type; expected str")
+        values = recipe_values(recipe, dataset)
+    return make_config(merge_options(values, file_values, flags))

@@ -1,0 +1,67 @@
+"""Test top-1 of a model (during training, and of a finished run for `bsr eval`)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data import dataset_info
+from ..errors import BSRError
+from .batches import build_tasks, test_loader
+from .build import image_size, pick_device
+from .config import TrainConfig
+from .distributed import Group
+from .methods import host
+from .optim import autocast
+from .runs import load_run
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, cfg: TrainConfig,
+             group: Optional[Group] = None, task: Optional[int] = None) -> float:
+    """Top-1 accuracy (%) of `model` over `loader`; in a group, over the union of the ranks' loaders. `task`: the
+    head of a multi-task model to evaluate. Counts stay on the device until the end (one sync)."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    total = 0
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(cfg, device):
+            logits = model(images) if task is None else model(images, task)
+        correct += (logits.argmax(-1) == labels).sum()
+        total += labels.numel()
+    model.train(was_training)
+    counts = [int(correct), total]
+    if group is not None:
+        counts = group.all_reduce_sum(counts)  # exact: counts stay far below 2**53
+    return 100.0 * counts[0] / max(counts[1], 1)
+
+
+def evaluate_run(run: str | Path, dataset: Optional[str] = None, data_dir: Optional[str] = None,
+                 limit: Optional[int] = None, device: str = "auto", batch_size: Optional[int] = None) -> dict:
+    """Top-1 of a run's checkpoint on `dataset` (default: the one it was trained on); a multi-task run is evaluated
+    on each of its tasks (`top1` is their mean, `tasks` the per-task figures)."""
+    dev = pick_device(device)
+    cfg, model = load_run(run, dev)
+    if cfg.tasks and dataset is not None:
+        raise BSRError(f"run {run} is multi-task ({','.join(cfg.tasks)}): it is evaluated on its own tasks; drop "
+                       f"--dataset")
+    for key, value in {"dataset": dataset, "data_dir": data_dir, "limit": limit, "batch_size": batch_size}.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    if not cfg.tasks and dataset_info(cfg.dataset).num_classes != host(model).num_classes:
+        raise BSRError(f"dataset {cfg.dataset!r} has {dataset_info(cfg.dataset).num_classes} classes but the "
+                       f"model's head has {host(model).num_classes}")
+    tasks = build_tasks(cfg, image_size(model), train=False)
+    accs = {t.name: evaluate(model, test_loader(t.test_set, cfg, dev), dev, cfg, task=t.index) for t in tasks}
+    result = {"top1": statistics.fmean(accs.values()), "dataset": "+".join(accs),
+              "images": sum(len(t.test_set) for t in tasks), "method": cfg.method}
+    if cfg.tasks:
+        result["tasks"] = accs
+    return result

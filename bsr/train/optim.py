@@ -1,0 +1,51 @@
+"""Optimisation: the learning-rate schedule (a pure function of the step), the optimizer, mixed precision.
+
+The paper's recipes (Sarkar et al., arXiv 2405.10951, SPEC section 3): SGD with momentum or AdamW, no weight decay on
+1-D parameters, the position embedding and the CLS token, optional layer-wise lr decay, linear warm-up then cosine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import BSRError
+from .config import TrainConfig
+from .methods import host
+
+
+def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0,
+          schedule: str = "cosine") -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine from `lr` to `min_lr`."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD or AdamW over the trainable parameters; no decay on 1-D params/pos_embed/cls_token; layer-wise lr scales."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+
+    vit = host(model)  # timm's helpers read the ViT's own names and group_matcher, not peft's prefixes
+    skip = set(vit.no_weight_decay()) if hasattr(vit, "no_weight_decay") else set()
+    if cfg.layer_decay is not None:
+        groups = param_groups_layer_decay(vit, cfg.weight_decay, skip, layer_decay=cfg.layer_decay)
+    else:
+        groups = param_groups_weight_decay(vit, cfg.weight_decay, no_weight_decay_list=skip)
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise BSRError(f"method={cfg.method!r} leaves nothing to train")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
+    """The autocast context of `cfg.amp` (bf16 or fp16) on `device`; disabled for "off"."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)

@@ -1,0 +1,308 @@
+"""A training run and its directory: the live objects of a run, its files (config.yaml, metrics.jsonl, report.json,
+the checkpoint), resume, the report and its summary, and rebuilding or exporting a finished run's model.
+
+Resume: every rank reads the checkpoint (so the run directory must be on a filesystem all nodes see). With
+`workers=0` resumed runs are bitwise those of an uninterrupted run of the same world size, dropout included: loading a
+training item reseeds torch's generator by (seed, epoch, index), so the generator state at each forward depends only
+on the rank's last item. With `workers>0` every rank restores rank 0's saved generator, so the dropout masks of the
+other ranks (none of the shipped methods uses dropout by default) differ from the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import timm
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..core.moe import moe_aux_loss
+from ..core.patch import bsr_state, restore
+from ..errors import BSRError
+from ..files import atomic_write_bytes
+from ..version import __version__
+from . import distributed
+from .batches import Task
+from .build import backbone, setup_model
+from .checkpoint import CHECKPOINT_NAME, load_trainable, read_checkpoint, set_rng_state, unflatten_optimizer
+from .config import TrainConfig, make_config
+from .distributed import Group
+from .methods import ParamCount, format_tokens
+
+
+class RunFiles:
+    """The run directory: config.yaml, metrics.jsonl, report.json and the checkpoint.
+
+    `write=False` (data-parallel ranks other than 0) checks the directory like rank 0 but writes nothing.
+    """
+
+    def __init__(self, out: Path, write: bool = True) -> None:
+        self.out, self.write = out, write
+        self.metrics = out / "metrics.jsonl"
+
+    def check(self, resuming: bool) -> None:
+        """Refuse an out path that is a file, or that holds another run (never overwrite one)."""
+        if self.out.exists() and not self.out.is_dir():
+            raise BSRError(f"out={str(self.out)!r} exists and is not a directory")
+        if not resuming and (self.out / CHECKPOINT_NAME).exists():
+            raise BSRError(f"out={str(self.out)!r} already holds a run; continue it with --resume {self.out} "
+                           f"or pick another --out")
+        existing = self.out
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise BSRError(f"out={str(self.out)!r} cannot be created: {existing} is not a directory")
+        if not os.access(existing, os.W_OK):
+            raise BSRError(f"out={str(self.out)!r} is not writable ({existing}); pick another --out")
+
+    def prepare(self, cfg: TrainConfig) -> None:
+        """Create the directory and write the resolved config."""
+        if not self.write:
+            return
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BSRError(f"cannot create out dir {self.out}: {e.strerror or e}") from None
+        atomic_write_bytes(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metric lines a killed run wrote after its last checkpoint (they will be written again)."""
+        if not self.write or not self.metrics.exists():
+            return
+        keep = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                pass  # a line cut short by the kill
+        atomic_write_bytes(self.metrics, "".join(ln + "\n" for ln in keep).encode())
+
+    def log(self, record: dict) -> None:
+        if not self.write:
+            return
+        try:
+            with self.metrics.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise BSRError(f"cannot write {self.metrics}: {e.strerror or e}") from None
+
+    def report(self, report: dict) -> None:
+        if not self.write:
+            return
+        atomic_write_bytes(self.out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
+
+
+def default_out(cfg: TrainConfig) -> str:
+    return str(Path("runs") / f"{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+
+@dataclass
+class Progress:
+    """Where a run stands (what its checkpoint carries besides tensors): the step, the best and last test top-1 with
+    their per-task history, and the metrics of steps taken since the last metrics line."""
+
+    step: int = 0
+    best: float = 0.0
+    history: dict = field(default_factory=lambda: {"acc": None, "best_step": 0, "tasks": {}})
+    log_window: list = field(default_factory=list)
+
+
+@dataclass
+class Run:
+    """What a training run holds while it runs: config, group, files, model (`net`: the same in DDP), optimizer,
+    tasks and their test loaders, the schedule's lengths and the progress."""
+
+    cfg: TrainConfig
+    dp: Group
+    files: RunFiles
+    model: nn.Module
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    tasks: list[Task]
+    tests: list[DataLoader]
+    steps_per_epoch: int
+    total_steps: int
+    warmup: int
+    eval_every: int
+    progress: Progress
+    params: ParamCount
+    tokens: list[tuple[int, int]]
+    checkpoint: Optional[Path] = None  # the last good checkpoint, once there is one
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
+        """Cross-entropy of logits (B, C) against labels (B,), plus the MoE load-balancing loss if asked."""
+        loss = self.criterion(logits.float(), labels)
+        if task.index is not None and self.cfg.moe_aux_loss > 0:
+            loss = loss + moe_aux_loss(self.model)
+        return loss
+
+    def checkpoint_meta(self, scaler_state: dict, log_window: list) -> dict:
+        """The metadata saved with the checkpoint of the current step."""
+        p = self.progress
+        return {"config": self.cfg.to_dict(), "step": p.step, "epoch": p.step / self.steps_per_epoch,
+                "best_acc": p.best, "history": p.history, "log_window": log_window,
+                "scheduler": {"total_steps": self.total_steps, "warmup_steps": self.warmup},
+                "scaler": {k: float(v) if torch.is_tensor(v) else v for k, v in scaler_state.items()}}
+
+
+def restore_state(saved: tuple[dict, dict], model: nn.Module, optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler, source: Any) -> Progress:
+    """Load a checkpoint's parameters, optimizer, scaler and RNG states; returns its `Progress`."""
+    tensors, meta = saved
+    load_trainable(model, tensors, source)
+    device = next(model.parameters()).device
+    try:
+        optimizer.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
+    except (ValueError, KeyError) as e:
+        raise BSRError(f"checkpoint {source}: optimizer state does not fit ({e}); was the config changed?") from None
+    for state in optimizer.state.values():  # optimizer tensors were saved on CPU
+        for key, value in state.items():
+            if torch.is_tensor(value) and key != "step":
+                state[key] = value.to(device)
+    if meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    set_rng_state(tensors, meta["rng"])
+    history = {"tasks": {}, **meta["history"]}
+    return Progress(int(meta["step"]), float(meta["best_acc"]), history, meta.get("log_window", []))
+
+
+def build_report(run: Run, step_times: list[float]) -> dict:
+    """The `report.json` of a finished run: accuracy, data, method, parameters, tokens, speed, memory, machine."""
+    cfg, tasks, p, device = run.cfg, run.tasks, run.progress, run.dp.device
+    report = {
+        "accuracy": {"final": p.history["acc"], "best": p.best, "best_step": p.history["best_step"]},
+        "dataset": {"name": "+".join(cfg.task_names), "train_images": sum(len(t.items) for t in tasks),
+                    "test_images": sum(len(t.test_set) for t in tasks)},
+        "method": cfg.method, "model": cfg.model, "steps": run.total_steps,
+        "params": {"trainable": run.params.trainable, "total": run.params.total},
+        "tokens_per_block": [{"attn": a, "mlp": m} for a, m in run.tokens],
+        "median_step_time_s": statistics.median(step_times) if step_times else None,
+        "images_per_s": cfg.batch_size / statistics.median(step_times) if step_times else None,
+        "peak_memory_mib": peak_memory_mib(device),
+        "data_parallel": data_parallel_record(run.dp, run.model),
+        "config": cfg.to_dict(), **environment(device),
+    }
+    if cfg.tasks:
+        report["accuracy"]["tasks"] = p.history["tasks"]
+        report["dataset"]["tasks"] = [{"name": t.name, "train_images": len(t.items), "test_images": len(t.test_set)}
+                                      for t in tasks]
+    return report
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The short summary printed at the end of `bsr train`."""
+    acc, p = report["accuracy"], report["params"]
+    tokens = [(t["attn"], t["mlp"]) for t in report["tokens_per_block"]]
+    step_time = "no steps taken in this process (the run had finished)"
+    if report["median_step_time_s"] is not None:
+        step_time = f"{1000 * report['median_step_time_s']:.1f} ms median ({report['images_per_s']:.0f} img/s)"
+    lines = [
+        f"method {report['method']} on {report['dataset']['name']} ({report['model']}, {report['steps']} steps)",
+        f"  test top-1     final {acc['final']:.2f}%  best {acc['best']:.2f}% (step {acc['best_step']})"
+        + (" (mean over tasks)" if "tasks" in acc else ""),
+        f"  trainable      {p['trainable']:,} / {p['total']:,} params ({100 * p['trainable'] / p['total']:.1f}%)",
+        f"  tokens/block   {format_tokens(tokens)}  (attention/MLP)",
+        f"  step time      {step_time}",
+        f"  peak memory    {report['peak_memory_mib']:.0f} MiB",
+        f"  run dir        {report['config']['out']}",
+    ]
+    lines[2:2] = [f"    {name:<16} final {t['final']:.2f}%  best {t['best']:.2f}%"  # under the mean's line
+                  for name, t in acc.get("tasks", {}).items()]
+    dp = report["data_parallel"]
+    if dp["world_size"] > 1:
+        lines.insert(-1, f"  data parallel  {dp['world_size']} processes ({dp['backend']}), "
+                         f"{dp['allreduce_bytes_per_step'] / 2**20:.2f} MiB of gradients all-reduced per step")
+    return lines
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocator peak on GPU, else the process's peak RSS (Linux VmHWM)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS)
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def environment(device: torch.device) -> dict:
+    env = {"versions": {"bsr": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                        "timm": timm.__version__},
+           "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                       "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}}
+    if device.type == "cuda":
+        env["machine"]["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+
+def data_parallel_record(group: Group, model: nn.Module) -> dict:
+    """World size, backend and gradient bytes per step: what DDP all-reduces (nothing in a single process)."""
+    grad_bytes = distributed.gradient_bytes(model)
+    return {"world_size": group.world_size, "backend": group.backend, "gradient_bytes": grad_bytes,
+            "allreduce_bytes_per_step": grad_bytes if group.enabled else 0}
+
+
+def config_of_run(run: str | Path) -> tuple[TrainConfig, tuple[dict, dict]]:
+    """The resolved config and the checkpoint (tensors, metadata) of a run directory."""
+    saved = read_checkpoint(run)
+    try:
+        cfg = make_config(saved[1]["config"])
+    except (KeyError, TypeError) as e:
+        raise BSRError(f"checkpoint {run} holds no valid config ({e})") from None
+    return cfg, saved
+
+
+def load_run(run: str | Path, device: torch.device, **overrides) -> tuple[TrainConfig, nn.Module]:
+    """Rebuild the trained model of a run: base weights + method + the checkpoint's trained parameters."""
+    cfg, (tensors, _) = config_of_run(run)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg, key, value)
+    model = setup_model(cfg, device)
+    load_trainable(model, tensors, run)
+    model.eval()
+    return cfg, model
+
+
+
+def export_weights(run: str | Path, out: str | Path, dtype: str = "fp32") -> dict:
+    """Write a run's trained model as a plain timm state dict (patch undone, LoRA merged) to `out` (.safetensors).
+
+    A multi-task run's state dict is the `MultiTaskViT`'s: `backbone.*` (with the MoE keys of `bsr.core.moe`) and
+    `heads.{t}.*`, the task order and names in the metadata."""
+    from safetensors.torch import save as st_save
+
+    cfg, model = load_run(run, torch.device("cpu"))
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    if bsr_state(backbone(model)) is not None:
+        restore(backbone(model))
+    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise BSRError(f"dtype={dtype!r} is not valid; use fp32, fp16 or bf16")
+    state = {k: v.detach().to(torch_dtype).contiguous() for k, v in model.state_dict().items()}
+    out = Path(out)
+    meta = {"source_run": str(run), "dtype": dtype, **({"tasks": ",".join(cfg.tasks)} if cfg.tasks else {})}
+    atomic_write_bytes(out, st_save(state, metadata=meta))
+    return {"path": str(out), "tensors": len(state), "bytes": out.stat().st_size}
