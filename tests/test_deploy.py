@@ -8,6 +8,7 @@ training, so an export that silently fell back to the base weights would fail.
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import timm
@@ -77,7 +78,7 @@ def _one_line_error(fn, *words):
     return message
 
 
-# --- full model file ----------------------------------------------------------------------------------------------------
+# --- full model file --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("preset", ["paper", "lean"])
 def test_round_trip_gives_the_same_logits_and_kept_tokens(tmp_path, preset):
@@ -134,7 +135,7 @@ def test_lora_is_merged(tmp_path):
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in rebuilt.state_dict().items())
 
 
-# --- delta --------------------------------------------------------------------------------------------------------------
+# --- delta ------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("preset", ["paper", "lean"])
 def test_delta_onto_base_equals_full_export(tmp_path, preset):
@@ -149,6 +150,7 @@ def test_delta_onto_base_equals_full_export(tmp_path, preset):
     assert keys and all(k.split(".")[0] in ("norm", "head") or k.startswith(("blocks.2.", "blocks.3.")) for k in keys)
     assert record["bytes"] < (tmp_path / "full.safetensors").stat().st_size
     assert read_metadata(record["path"])["format"] == DELTA_FORMAT
+    assert rebuilt.blocks[0].norm1.weight.data_ptr() != base_state["blocks.0.norm1.weight"].data_ptr()
     assert full.state_dict().keys() == rebuilt.state_dict().keys()
     assert all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in full.state_dict().items())
     logits, kept = _forward(full, _images())
@@ -175,7 +177,7 @@ def test_wrong_base_is_refused_in_one_line(tmp_path):
     _one_line_error(lambda: load(path), "apply_delta")
 
 
-# --- refusals -----------------------------------------------------------------------------------------------------------
+# --- refusals ---------------------------------------------------------------------------------------------------------
 
 def _rewrite(path, out, **doc_changes):
     """Copy a bsr file with its metadata document edited (tensors and their hash unchanged)."""
@@ -220,11 +222,11 @@ def test_bad_files_are_refused_in_one_line(tmp_path, make_bad, words):
     _one_line_error(lambda: load(bad), *words)
 
 
-# --- ONNX ---------------------------------------------------------------------------------------------------------------
+# --- ONNX -------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind, kept_tokens", [("paper", True), ("paper", False), ("lora", False)])
 def test_onnx_export_matches_pytorch_and_keeps_the_drop(tmp_path, kind, kept_tokens):
-    pytest.importorskip("onnx", reason="onnx is not installed (optional: pip install onnx onnxruntime)")
+    onnx = pytest.importorskip("onnx", reason="onnx is not installed (optional: pip install onnx onnxruntime)")
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (optional: pip install onnxruntime)")
     from bsr.deploy import onnx_token_counts, verify_onnx
 
@@ -232,6 +234,7 @@ def test_onnx_export_matches_pytorch_and_keeps_the_drop(tmp_path, kind, kept_tok
     path = tmp_path / "model.onnx"
     record = export_onnx(model, path, kept_tokens=kept_tokens)
     assert record["outputs"] == (["logits", "kept_1", "kept_2"] if kept_tokens else ["logits"])
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     for batch in (1, 3):  # one file, dynamic batch
         result = verify_onnx(model, path, _images(batch))
         assert result["batch"] == batch and result["max_abs_diff"] < 1e-4 and result["top1_agreement"] == 1.0, result
@@ -266,8 +269,10 @@ def test_onnx_ranking_breaks_ties_like_the_stable_sort(tmp_path):
 
     x = torch.randn(2, 9, 4)
     scores = torch.tensor([[0.1, 0.3, 0.3, 0.1, 0.3, 0.2, 0.1, 0.3], [0.2] * 8])  # ties everywhere
-    torch.onnx.export(Drop(), (x, scores), str(tmp_path / "drop.onnx"), dynamo=False, opset_version=17,
-                      input_names=["x", "scores"], output_names=["y", "keep"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, the static-count TracerWarning
+        torch.onnx.export(Drop(), (x, scores), str(tmp_path / "drop.onnx"), dynamo=False, opset_version=17,
+                          input_names=["x", "scores"], output_names=["y", "keep"])
     y, keep = _session(tmp_path / "drop.onnx").run(None, {"x": x.numpy(), "scores": scores.numpy()})
     y_ref, keep_ref = drop_tokens(x, scores, 0.5, True)
     assert (keep == keep_ref.numpy()).all()

@@ -78,7 +78,7 @@ def state_sha256(state: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-# --- metadata -----------------------------------------------------------------------------------------------------------
+# --- metadata ---------------------------------------------------------------------------------------------------------
 
 def _version(package: str) -> str:
     try:
@@ -128,7 +128,8 @@ def _metadata_doc(vit: nn.Module, kind: str, model_name: Optional[str], model_kw
                        f"pass one name per class")
     config = _bsr_config(vit, bsr)
     doc = {"format": DELTA_FORMAT if kind == "delta" else FORMAT, "model_name": model_name,
-           "model_kwargs": dict(model_kwargs if model_kwargs is not None else _usual_kwargs(vit)), "bsr": config.to_dict() if config is not None else None,
+           "model_kwargs": dict(model_kwargs if model_kwargs is not None else _usual_kwargs(vit)),
+           "bsr": config.to_dict() if config is not None else None,
            "class_names": list(class_names) if class_names is not None else None,
            "mean": list(mean if mean is not None else cfg.get("mean", ())) or None,
            "std": list(std if std is not None else cfg.get("std", ())) or None,
@@ -182,7 +183,7 @@ def _write(path: Path, state: dict[str, Tensor], doc: dict) -> dict:
     return {"path": str(path), "format": doc["format"], "tensors": len(state), "bytes": path.stat().st_size}
 
 
-# --- rebuilding -----------------------------------------------------------------------------------------------------------
+# --- rebuilding -------------------------------------------------------------------------------------------------------
 
 def _create(doc: dict, device: str = "meta") -> nn.Module:
     """`timm.create_model(name, pretrained=False, **kwargs)` from a metadata document, one-line errors."""
@@ -264,12 +265,17 @@ def _build(doc: dict, state: dict[str, Tensor], path: Path, device: str | torch.
     return model.to(device).eval()
 
 
-# --- public API -----------------------------------------------------------------------------------------------------------
+# --- public API -------------------------------------------------------------------------------------------------------
+
+def _cpu32(t: Tensor) -> Tensor:
+    """A CPU, contiguous copy of `t` (never a view: a rebuilt model must not share the caller's tensors), floating
+    tensors in float32."""
+    return t.detach().to("cpu", torch.float32 if t.is_floating_point() else t.dtype, copy=True).contiguous()
+
 
 def inference_state(model: nn.Module) -> dict[str, Tensor]:
     """The deployable weights of `model` (a reprogrammed timm ViT or a peft model): float32, CPU, timm's keys."""
-    return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-            for k, v in merged_model(model).state_dict().items()}
+    return {k: _cpu32(v) for k, v in merged_model(model).state_dict().items()}
 
 
 def save_model(model: nn.Module, path: str | Path, *, model_name: Optional[str] = None,
@@ -280,8 +286,8 @@ def save_model(model: nn.Module, path: str | Path, *, model_name: Optional[str] 
 
     `model_name` + `model_kwargs` must rebuild the model with `timm.create_model` (checked before writing): the name
     defaults to the model's timm architecture, the kwargs to the model's image and patch size, width, depth, heads
-    and classes; pass them when the model needs others. `bsr` defaults to the configuration the model is reprogrammed with.
-    `mean`/`std` default to the model's `pretrained_cfg`. Returns {path, format, tensors, bytes}.
+    and classes; pass them when the model needs others. `bsr` defaults to the configuration the model is
+    reprogrammed with, `mean`/`std` to the model's `pretrained_cfg`. Returns {path, format, tensors, bytes}.
     """
     vit = merged_model(model)
     state = inference_state(vit)
@@ -328,10 +334,8 @@ def save_delta(model: nn.Module, path: str | Path, *, base_state: Mapping[str, T
         return base is not None and base.shape == live[key].shape and torch.equal(
             live[key].cpu(), base.detach().to("cpu", live[key].dtype))
 
-    delta = {k: v.to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in live.items() if not unchanged(k)}
-    full = {**{k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
-               for k, v in base_state.items()}, **delta}
+    delta = {k: _cpu32(v) for k, v in live.items() if not unchanged(k)}
+    full = {**{k: _cpu32(v) for k, v in base_state.items()}, **delta}
     doc = _metadata_doc(vit, "delta", model_name, model_kwargs, bsr, class_names, mean, std, extra)
     doc.update(base_id=actual, base_tensors=len(base_state))
     _check_rebuilds(vit, full, doc)
@@ -347,8 +351,6 @@ def apply_delta(delta_path: str | Path, base_state: Mapping[str, Tensor],
     if actual != doc["base_id"]:
         raise BSRError(f"{path} was made for base weights sha256 {doc['base_id'][:12]}... but the given base hashes "
                        f"to {actual[:12]}...; pass the base the run started from")
-    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in base_state.items()}
-    state.update(delta)
+    state = {**{k: _cpu32(v) for k, v in base_state.items()}, **delta}
     return _build(doc, state, path, device)
 

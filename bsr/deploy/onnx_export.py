@@ -211,7 +211,8 @@ def onnx_token_counts(path: str | Path, images: Tensor) -> list[tuple[int, int]]
     """Tokens each block's attention and MLP see when onnxruntime runs the export on `images`: list of (attn, mlp).
 
     Measured, not inferred: the inputs of every block's `norm1` and `norm2` LayerNormalization become extra graph
-    outputs of an in-memory copy, and their sequence lengths are read from one run.
+    outputs of an in-memory copy, and their sequence lengths are read from one run. Needs an export at opset >= 17
+    (below it the exporter splits LayerNorm into elementary ops).
     """
     import onnx
 
