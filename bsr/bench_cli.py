@@ -11,7 +11,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .bench import BenchSpec, run_bench
+from .measure.bench import run_bench
+from .measure.bench_spec import BenchSpec
 from .core.config import BSRConfig
 
 _OWN_FLAGS = ("command", "run", "out", "compare_analytic", "in_process")
@@ -61,7 +62,7 @@ def _log(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .bench_report import compare_analytic, write_outputs
+    from .measure.report import compare_analytic, write_outputs
     from .cli import flags_to_values
 
     spec = BenchSpec.from_dict(flags_to_values(args, ignore=_OWN_FLAGS))

@@ -253,66 +253,6 @@ def train_run(config: dict, run_dir: str | Path, resume: bool) -> dict:
     return train(cfg, resume=run_dir if resume else None, progress=False)
 
 
-def measure_config(config: dict, warmup: int = 1, steps: int = 1, mmap_threshold: Optional[int] = 1 << 20) -> dict:
-    """Training memory and FLOPs of one step of `config`'s model, method, optimizer and batch size.
-
-    Call in a fresh process (`run_isolated`). Same protocol as `bsr bench`: glibc's mmap threshold fixed first, the
-    peak RSS (`VmHWM`, reset after the warm-up) above the memory in use before the model was built, then saved-for-
-    backward bytes and FLOPs of one whole step (forward, backward, optimizer). Inputs are a seeded random batch:
-    memory and FLOPs do not depend on pixel values.
-    """
-    import torch
-    from torch import nn
-
-    from . import allocator, measure
-    from .data import dataset_info
-    from .bench import release_memory
-    from .train.methods import count_params
-    from .train import build_optimizer, make_config, pick_device, setup_model
-    from .train.build import backbone, image_size
-
-    cfg = make_config(config)
-    if mmap_threshold:
-        allocator.release_freed_memory(mmap_threshold)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
-    num_classes = cfg.num_classes or dataset_info(cfg.task_names[0]).num_classes  # multi-task: task 0's head
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    if cfg.method == "lora":
-        import peft  # noqa: F401  (its modules are not training memory)
-
-    release_memory()
-    baseline = measure.current_bytes(device)
-    model = setup_model(cfg, device).train()
-    size = image_size(model)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    images = torch.randn(cfg.batch_size, 3, size, size, generator=gen).to(device)
-    labels = torch.randint(0, num_classes, (cfg.batch_size,), generator=gen).to(device)
-    optimizer = build_optimizer(cfg, model)
-
-    def forward():
-        return model(images) if not cfg.tasks else model(images, 0)
-
-    def step() -> None:
-        criterion(forward(), labels).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(warmup):
-        step()
-    resettable = measure.reset_peak(device)
-    for _ in range(steps):
-        step()
-    peak = measure.peak_bytes(device) - baseline
-    saved = measure.saved_tensor_bytes(lambda: criterion(forward(), labels), model=backbone(model))
-    flops = measure.count_flops(step)
-    counts = count_params(model)
-    return {"train_peak_bytes": peak, "peak_resettable": resettable, "saved_activation_bytes": saved.total,
-            "train_flops_per_step": flops, "trainable_params": counts.trainable, "total_params": counts.total,
-            "batch_size": cfg.batch_size, "img_size": size}
-
-
 # ------------------------------------------------------------------------------------------------- processes
 
 _WORKER_PREFIX = "BSR_STUDY_RESULT "
@@ -326,6 +266,8 @@ def execute(kind: str, payload: dict) -> dict:
             report = train_run(payload["config"], payload["run_dir"], payload["resume"])
             return {"ok": True, "best": report["accuracy"]["best"]}
         from .files import atomic_write_bytes
+
+        from .measure.protocol import measure_config
 
         record = {**measure_config(payload["config"], **payload["measure"]), "config": payload["config"],
                   "measure": payload["measure"]}
@@ -639,7 +581,7 @@ def collect(study: Study, out: Path) -> dict:
                                     and full["best_mean"] is not None else None)
     import torch
 
-    from .bench import machine
+    from .measure.bench import machine
     from .train.runs import environment
 
     cpu = torch.device("cpu")

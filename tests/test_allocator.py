@@ -1,4 +1,4 @@
-"""`bsr.allocator`: freed tensors leave resident memory once the mmap threshold is fixed (glibc only)."""
+"""`bsr.measure.allocator`: freed tensors leave resident memory once the mmap threshold is fixed (glibc only)."""
 
 import subprocess
 import sys
@@ -7,8 +7,8 @@ import pytest
 
 SCRIPT = """
 import sys, torch
-from bsr.allocator import release_freed_memory
-from bsr.measure import current_rss_bytes
+from bsr.measure.allocator import release_freed_memory
+from bsr.measure.memory import current_rss_bytes
 if sys.argv[1] == "fixed":
     assert release_freed_memory()
 big = torch.ones(16 << 18)  # 16 MiB: mmapped; freeing it raises glibc's dynamic threshold to 16 MiB

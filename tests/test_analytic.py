@@ -1,4 +1,4 @@
-"""Tests of `bsr.analytic`: the authors' memory formula reproduces their reference values and a hand count."""
+"""Tests of `bsr.measure.analytic`: the authors' memory formula reproduces their reference values and a hand count."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import timm
 import torch
 
 from bsr import BSRConfig, BSRError
-from bsr.analytic import MIB, analytic_memory_bytes, method_memory_bytes
+from bsr.measure.analytic import MIB, analytic_memory_bytes, method_memory_bytes
 from bsr.core.ops import token_counts
 
 F32 = 4

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from bsr import BSRError
-from bsr.bench import BenchSpec, memory_record_isolated, run_bench
-from bsr.bench_report import compare_analytic, load_result, render_markdown, write_outputs
+from bsr.measure.bench import memory_record_isolated, run_bench
+from bsr.measure.bench_spec import BenchSpec
+from bsr.measure.report import compare_analytic, load_result, render_markdown, write_outputs
 from bsr.cli import build_parser, flags_to_values, main
 
 # 12 blocks (the default BSR blocks exist), 16 px / patch 4: 16 patches + CLS; one thread, since tiny steps on a

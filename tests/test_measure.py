@@ -1,4 +1,5 @@
-"""Tests of `bsr.measure`: saved-for-backward bytes against hand counts, FLOPs against formulas, size helpers."""
+"""`bsr.measure.memory` and `bsr.measure.flops`: saved-for-backward bytes against hand counts, FLOPs against
+formulas, size helpers."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils import flop_counter as torch_flop_counter
 
-from bsr import measure
-from bsr.measure import OUTSIDE, ROOT, SavedBytes, count_flops, saved_tensor_bytes
+from bsr.measure import flops, memory
+from bsr.measure.flops import count_flops
+from bsr.measure.memory import OUTSIDE, ROOT, SavedBytes, saved_tensor_bytes
 
 B, N, C, HIDDEN = 2, 5, 8, 32
 F32 = 4
@@ -119,7 +121,7 @@ def test_frozen_prefix_blocks_save_nothing():
     ("patch_embed.proj", "patch_embed"),
 ])
 def test_rollup_name(name, expected):
-    assert measure.rollup_name(name) == expected
+    assert memory.rollup_name(name) == expected
 
 
 def test_root_label_for_model_own_ops():
@@ -184,16 +186,16 @@ def test_fwd_gmacs_per_image_matches_hand_count():
     macs = patches * (3 * 8 * 8) * width  # patch embedding
     macs += 4 * (tokens * width * (3 * width + width + 2 * hidden) + 2 * tokens * tokens * width)  # blocks
     macs += width * 10  # head
-    assert measure.fwd_gmacs_per_image(model) == pytest.approx(macs / 1e9, rel=1e-12)
-    assert measure.fwd_gmacs_per_image(model, img_size=32) == pytest.approx(macs / 1e9, rel=1e-12)
+    assert flops.fwd_gmacs_per_image(model) == pytest.approx(macs / 1e9, rel=1e-12)
+    assert flops.fwd_gmacs_per_image(model, img_size=32) == pytest.approx(macs / 1e9, rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------ memory, speed
 
 def test_peak_and_current_bytes_cpu():
-    with measure.track_peak("cpu") as window:
+    with memory.track_peak("cpu") as window:
         block = torch.ones(16 * 2 ** 20)  # 64 MiB, pages touched
-    assert measure.current_bytes("cpu") > 0 and measure.current_rss_bytes() > 0
+    assert memory.current_bytes("cpu") > 0 and memory.current_rss_bytes() > 0
     assert window.peak >= window.start
     if window.resettable:
         assert window.increase >= 48 * 2 ** 20
@@ -201,7 +203,7 @@ def test_peak_and_current_bytes_cpu():
 
 
 def test_matmul_gflops_is_positive():
-    assert measure.matmul_gflops("cpu", size=128, repeats=2) > 0
+    assert flops.matmul_gflops("cpu", size=128, repeats=2) > 0
 
 
 # ----------------------------------------------------------------------------------------- parameters and state
@@ -210,16 +212,16 @@ def test_param_grad_and_optimizer_bytes():
     model = nn.Sequential(nn.Linear(C, HIDDEN), nn.Linear(HIDDEN, 2))
     model[0].requires_grad_(False)
     trainable, total = HIDDEN * 2 + 2, C * HIDDEN + HIDDEN + HIDDEN * 2 + 2
-    assert measure.trainable_params(model) == (trainable, total)
-    assert measure.param_bytes(model) == total * F32
-    assert measure.param_bytes(model, trainable_only=True) == measure.grad_bytes(model) == trainable * F32
+    assert memory.trainable_params(model) == (trainable, total)
+    assert memory.param_bytes(model) == total * F32
+    assert memory.param_bytes(model, trainable_only=True) == memory.grad_bytes(model) == trainable * F32
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    assert measure.optimizer_state_bytes(opt) == 0  # state is created lazily
+    assert memory.optimizer_state_bytes(opt) == 0  # state is created lazily
     model(torch.randn(B, C)).sum().backward()
     opt.step()
     steps = sum(s["step"].numel() * s["step"].element_size() for s in opt.state.values())
-    assert measure.optimizer_state_bytes(opt) == 2 * trainable * F32 + steps  # exp_avg, exp_avg_sq, step
+    assert memory.optimizer_state_bytes(opt) == 2 * trainable * F32 + steps  # exp_avg, exp_avg_sq, step
 
 
 # ------------------------------------------------------------------------------------------ on a reprogrammed ViT
@@ -250,4 +252,4 @@ def test_reprogrammed_forward_macs_follow_the_token_table():
         macs += n_attn * width * 4 * width + 2 * n_attn * n_attn * width  # qkv, proj, Q K^T, P V
         macs += n_mlp * 2 * width * hidden  # fc1, fc2
     # the CLS-row scores and the fused token add well under 1%
-    assert measure.fwd_gmacs_per_image(model) == pytest.approx(macs / 1e9, rel=0.01)
+    assert flops.fwd_gmacs_per_image(model) == pytest.approx(macs / 1e9, rel=0.01)

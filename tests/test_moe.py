@@ -11,7 +11,7 @@ from timm.models.vision_transformer import Block
 
 import bsr
 from bsr import BSRConfig, BSRError
-from bsr.measure import count_flops
+from bsr.measure.flops import count_flops
 from bsr.core.moe import (MoEMlp, MultiTaskViT, balance_loss, build_multitask, moe_aux_loss, moe_layers, moe_task,
                           moeify, reprogram_multitask, route_top_k, set_moe_task)
 

@@ -32,9 +32,9 @@ from typing import Iterator, Optional, Sequence
 
 from torch import nn
 
-from .core.config import BSRConfig
-from .errors import BSRError
-from .core import ops
+from ..core import ops
+from ..core.config import BSRConfig
+from ..errors import BSRError
 
 ACT_BYTES = 4  # activations counted at 32 bit
 TRAINABLE_PARAM_BYTES = 4  # trainable weights at 32 bit

@@ -1,7 +1,7 @@
 """Rendering of `bsr bench` records: `bench.md` tables, `bench.json`, `bench.png`, and the analytic comparison.
 
-Everything here reads the records `bsr.bench.run_bench` returns (or `bench.json` loads back) and measures nothing,
-so a report can be re-rendered from a saved run.
+Everything here reads the records `bsr.measure.bench.run_bench` returns (or `bench.json` loads back) and measures
+nothing, so a report can be re-rendered from a saved run.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from ..train.methods import format_tokens
 from .bench import BenchResult
-
-MIB = 2 ** 20
+from .bench_spec import MIB
 HIGHLIGHT = ("bsr", "bsr-lean", "moe-bsr", "moe-bsr-lean")
 
 
@@ -100,8 +100,6 @@ def _multitask_lines(spec: dict) -> list[str]:
 
 def _tokens(counts: list) -> str:
     """`0-2: 197/197, 3: 197/100, ...` (attention/MLP tokens, runs of equal blocks merged)."""
-    from .train.methods import format_tokens
-
     return format_tokens([tuple(c) for c in counts])
 
 
