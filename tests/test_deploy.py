@@ -208,6 +208,7 @@ REFUSALS = [  # (name, make the bad file from a good one, words the one-line mes
     ("unknown timm model", lambda p, o: _rewrite(p, o, model_name="vit_nonexistent_patch3"), ["no model named"]),
     ("mismatched keys", lambda p, o: _rewrite(p, o, model_kwargs={"depth": 3}), ["unexpected keys", "does not fit"]),
     ("bad kwargs", lambda p, o: _rewrite(p, o, model_kwargs={"bogus": 1}), ["cannot build"]),
+    ("incomplete metadata", lambda p, o: _rewrite(p, o, model_kwargs=None), ["incomplete", "export it again"]),
     ("future format", lambda p, o: _rewrite(p, o, format="bsr-model-9"), ["upgrade bsr"]),
     ("missing", lambda p, o: o, ["does not exist"]),
 ]

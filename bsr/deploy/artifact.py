@@ -168,6 +168,10 @@ def _read(path: Path, want: Optional[str], tensors: bool = True) -> tuple[dict, 
     if fmt not in (FORMAT, DELTA_FORMAT):
         raise BSRError(f"{path} has format {fmt!r}, which this bsr does not read ({FORMAT}, {DELTA_FORMAT}); "
                        f"upgrade bsr or export it again")
+    missing = [k for k in ("model_name", "model_kwargs", "bsr", "weights_sha256") if k not in doc]
+    if missing or not isinstance(doc["model_kwargs"], dict):
+        raise BSRError(f"{path} has incomplete bsr metadata (missing {missing or ['model_kwargs as a dict']}); "
+                       f"export it again")
     if want is not None and fmt != want:
         hint = "use bsr.deploy.apply_delta(path, base_state)" if fmt == DELTA_FORMAT else "use bsr.deploy.load(path)"
         raise BSRError(f"{path} is a {fmt} file, not {want}; {hint}")
