@@ -156,14 +156,14 @@ def test_committed_studies_parse_offline():
 
 
 def test_worker_process_runs_jobs_in_turn(tmp_path):
-    """--jobs: training runs go to `worker --serve` processes, each running its jobs one after another."""
-    from bsr.study import Job, run_jobs
+    """--jobs: training runs go to a process pool whose workers run one job after another."""
+    from bsr.study.runner import Job, run_jobs
 
     runs = parse_study(TINY).runs
     jobs = [Job("train", r.run_id, {"config": r.config, "run_dir": str(tmp_path / r.run_id), "resume": False},
                 tmp_path / r.run_id / "train.log") for r in runs]
     lines = []
-    results = run_jobs(jobs, 1, lines.append, workdir=tmp_path)
+    results = run_jobs(jobs, 1, lines.append)
     assert all(results[r.run_id]["ok"] for r in runs), results
     assert all((tmp_path / r.run_id / "report.json").is_file() for r in runs)
     assert "step 2/2" in (tmp_path / runs[0].run_id / "train.log").read_text()  # each job's output in its own log

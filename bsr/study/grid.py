@@ -1,0 +1,182 @@
+"""The study file of `bsr study` (Sarkar et al., arXiv 2405.10951: every method and ablation, on several target
+tasks, over several seeds): parsed and validated into a `Study` of `RunSpec`s, every run's `TrainConfig` resolved.
+
+A study file holds:
+
+    name: offline                      # optional; default out dir runs/study-<name>
+    base: {TrainConfig options}        # the keys of `bsr train --config`
+    datasets: [digits-embedded, ...]   # target tasks of every run entry (unless an entry names its own)
+                                       # "a+b+c": one multi-task run (`bsr train --tasks a,b,c`)
+    seeds: [0, 1, 2]
+    per_dataset: {sklearn-digits: {epochs: 10}}   # options for one dataset, over base
+    runs:                              # the grid points, each a name plus TrainConfig overrides
+      - {name: full, method: full}
+      - {name: bsr-keep0.3, method: bsr, bsr: {keep_rate: 0.3}, datasets: [digits-embedded]}
+      - {name: bsr, method: bsr, priority: 1}   # priority: all its seeds run before other entries
+    measure: {steps: 1, warmup: 1}     # memory/FLOP measurement settings (optional)
+    quick: {base: {epochs: 1}, seeds: [0], runs: [full, bsr], datasets: [...]}   # what --quick changes
+    x-anything: ...                    # ignored: a place for YAML anchors (&name) the entries merge (<<: *name)
+
+Options layer as defaults < recipe < base < per_dataset < run entry (the same layering as `bsr train`, with the
+study's layers in the place of `--config`). Runs go to `OUT/runs/<point>-<dataset>-s<seed>/`; a run with a
+`report.json` is skipped, one with only a checkpoint resumed (`bsr.study.runner`). Memory and FLOPs are measured
+once per (point, dataset), seed-independent, each in a fresh process, by `bsr.measure.protocol` as `bsr bench`
+measures them: peak above the pre-build baseline over one step after a warm-up step, glibc's mmap threshold fixed at
+1 MiB, FLOPs of one whole training step by torch's `FlopCounterMode`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from ..errors import BSRError
+from ..train import load_yaml, merge_options, resolve_config
+
+STUDY_KEYS = ("name", "base", "datasets", "seeds", "per_dataset", "runs", "measure", "quick")
+QUICK_KEYS = ("base", "datasets", "seeds", "runs", "per_dataset")
+MEASURE_DEFAULTS = {"warmup": 1, "steps": 1, "mmap_threshold": 1 << 20}
+
+
+@dataclass
+class RunSpec:
+    """One fine-tuning run of the grid: point name, dataset, seed and its resolved config (as a dict)."""
+
+    point: str
+    dataset: str
+    seed: int
+    config: dict
+    priority: int = 0  # higher runs earlier (all its seeds before any other entry's)
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.point}-{self.dataset}-s{self.seed}"
+
+
+@dataclass
+class Study:
+    """A parsed study file: the runs to do (in order) and the measurement settings."""
+
+    name: str
+    runs: list[RunSpec]
+    measure: dict = field(default_factory=lambda: dict(MEASURE_DEFAULTS))
+    points: list[str] = field(default_factory=list)  # point names in file order
+    datasets: list[str] = field(default_factory=list)
+
+    def configs(self) -> dict[tuple[str, str], dict]:
+        """One config per (point, dataset), the seed-0-most run's: what memory and FLOPs are measured on."""
+        out: dict[tuple[str, str], dict] = {}
+        for run in self.runs:
+            out.setdefault((run.point, run.dataset), run.config)
+        return out
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BSRError(f"{where} must be a mapping of options, not {type(value).__name__}")
+    return dict(value)
+
+
+def _names(value: Any, where: str, kind: type = str) -> list:
+    if not isinstance(value, list) or not value or not all(isinstance(v, kind) and not isinstance(v, bool)
+                                                           for v in value):
+        raise BSRError(f"{where} must be a non-empty list of {kind.__name__}s, e.g. "
+                       f"{'[0, 1, 2]' if kind is int else '[digits-embedded]'}")
+    return list(value)
+
+
+def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> Study:
+    """A `Study` from the mapping of a study file; every run's TrainConfig is resolved (and so validated) here.
+
+    `quick` applies the file's `quick:` section. Nothing is read from disk or the network except what the configs
+    name when they are resolved (no dataset is loaded).
+    """
+    unknown = [k for k in data if k not in STUDY_KEYS and not str(k).startswith("x-")]  # x-*: YAML anchors
+    if unknown:
+        raise BSRError(f"{source}: unknown study key {unknown[0]!r}; use {', '.join(STUDY_KEYS)}")
+    quick_part = _mapping(data.get("quick"), f"{source}: quick")
+    bad = [k for k in quick_part if k not in QUICK_KEYS]
+    if bad:
+        raise BSRError(f"{source}: unknown key quick.{bad[0]}; quick may set {', '.join(QUICK_KEYS)}")
+    base = _mapping(data.get("base"), f"{source}: base")
+    per_dataset = _mapping(data.get("per_dataset"), f"{source}: per_dataset")
+    datasets = _names(data.get("datasets", [base.get("dataset", "digits-embedded")]), f"{source}: datasets")
+    seeds = _names(data.get("seeds", [0]), f"{source}: seeds", int)
+    entries = data.get("runs")
+    if not isinstance(entries, list) or not entries:
+        raise BSRError(f"{source}: runs must be a non-empty list of entries like {{name: bsr, method: bsr}}")
+    keep_points: Optional[list[str]] = None
+    if quick:
+        base = merge_options(base, _mapping(quick_part.get("base"), f"{source}: quick.base"))
+        for name, values in _mapping(quick_part.get("per_dataset"), f"{source}: quick.per_dataset").items():
+            own = _mapping(per_dataset.get(name), f"{source}: per_dataset.{name}")
+            per_dataset[name] = merge_options(own, values)
+        if "datasets" in quick_part:
+            datasets = _names(quick_part["datasets"], f"{source}: quick.datasets")
+        if "seeds" in quick_part:
+            seeds = _names(quick_part["seeds"], f"{source}: quick.seeds", int)
+        if "runs" in quick_part:
+            keep_points = _names(quick_part["runs"], f"{source}: quick.runs")
+    for name in per_dataset:
+        _mapping(per_dataset[name], f"{source}: per_dataset.{name}")
+
+    runs: list[RunSpec] = []
+    points: list[str] = []
+    for i, entry in enumerate(entries):
+        entry = _mapping(entry, f"{source}: runs[{i}]")
+        name = entry.pop("name", None)
+        if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
+            raise BSRError(f"{source}: runs[{i}] needs a name without spaces or slashes, e.g. name: bsr")
+        if name in points:
+            raise BSRError(f"{source}: run name {name!r} is used twice; give each entry its own name")
+        points.append(name)
+        entry_datasets = _names(entry.pop("datasets"), f"{source}: runs.{name}.datasets") \
+            if "datasets" in entry else datasets
+        entry_seeds = _names(entry.pop("seeds"), f"{source}: runs.{name}.seeds", int) if "seeds" in entry else seeds
+        priority = entry.pop("priority", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise BSRError(f"{source}: runs.{name}.priority={priority!r} must be an integer (higher runs earlier)")
+        if quick:
+            entry_datasets = [d for d in entry_datasets if d in datasets]
+            entry_seeds = [s for s in entry_seeds if s in seeds] or seeds[:1]
+        for key in ("dataset", "tasks", "seed", "out"):
+            if key in entry or key in base:
+                raise BSRError(f"{source}: {key!r} is set by the study (datasets/seeds/--out); remove it from "
+                               f"{'base' if key in base else 'runs.' + name}")
+        for dataset in entry_datasets:
+            for seed in entry_seeds:
+                values = merge_options(base, _mapping(per_dataset.get(dataset), f"per_dataset.{dataset}"), entry,
+                               {**dataset_options(dataset), "seed": seed})
+                try:
+                    cfg = resolve_config(values)
+                except BSRError as e:
+                    raise BSRError(f"{source}: run {name} on {dataset}: {e}") from None
+                runs.append(RunSpec(name, dataset, seed, cfg.to_dict(), priority))
+    if keep_points is not None:
+        missing = [p for p in keep_points if p not in points]
+        if missing:
+            raise BSRError(f"{source}: quick.runs names {missing[0]!r}, which is not a run name; use one of "
+                           f"{', '.join(points)}")
+        runs = [r for r in runs if r.point in keep_points]
+        points = [p for p in points if p in keep_points]
+    measure = merge_options(MEASURE_DEFAULTS, _mapping(data.get("measure"), f"{source}: measure"))
+    bad = [k for k in measure if k not in MEASURE_DEFAULTS]
+    if bad:
+        raise BSRError(f"{source}: unknown key measure.{bad[0]}; use {', '.join(MEASURE_DEFAULTS)}")
+    name = data.get("name", Path(source).stem)
+    used = [d for d in datasets if any(r.dataset == d for r in runs)]
+    return Study(name=str(name), runs=runs, measure=measure, points=points, datasets=used)
+
+
+def dataset_options(label: str) -> dict:
+    """TrainConfig options of a study dataset label: `{"dataset": label}`, or for a multi-task label "a+b+c"
+    `{"tasks": [a, b, c]}` (trained together, as `bsr train --tasks a,b,c`)."""
+    return {"tasks": label.split("+")} if "+" in label else {"dataset": label}
+
+
+def load_study(path: str | Path, quick: bool = False) -> Study:
+    """Parse and validate the study file at `path` (one-line `BSRError` on any problem)."""
+    return parse_study(load_yaml(path), quick=quick, source=str(path))

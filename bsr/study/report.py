@@ -1,0 +1,212 @@
+"""The outputs of `bsr study`: records of every run and one aggregate per (point, dataset), rendered from the run
+directories and measurements on disk into `study.json`, `study.md` (tables) and `accuracy_vs_memory.png` (with the
+Pareto front of accuracy against training memory, the trade-off the BSR paper, Sarkar et al., arXiv 2405.10951, is
+about). Nothing here trains or measures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..files import atomic_write_bytes
+from ..measure.bench import machine
+from ..train.runs import environment
+from .grid import Study
+
+MIB = 2 ** 20
+
+
+def _mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def collect(study: Study, out: Path) -> dict:
+    """Every run's record plus one aggregate per (point, dataset): mean/std over seeds, measured memory/FLOPs."""
+    runs, aggregates = [], []
+    for run in study.runs:
+        path = out / "runs" / run.run_id / "report.json"
+        record = {"id": run.run_id, "point": run.point, "dataset": run.dataset, "seed": run.seed,
+                  "method": run.config["method"], "finished": path.is_file()}
+        if path.is_file():
+            report = json.loads(path.read_text())
+            record.update({"best": report["accuracy"]["best"], "final": report["accuracy"]["final"],
+                           "best_step": report["accuracy"]["best_step"], "steps": report["steps"],
+                           "trainable_params": report["params"]["trainable"],
+                           "total_params": report["params"]["total"],
+                           "median_step_time_s": report["median_step_time_s"],
+                           "peak_memory_mib_run": report["peak_memory_mib"],
+                           "tasks": report["accuracy"].get("tasks"),
+                           "test_curve": test_curve(path.parent / "metrics.jsonl")})
+        runs.append(record)
+    configs = study.configs()
+    for dataset in study.datasets:
+        for point in study.points:
+            if (point, dataset) not in configs:
+                continue
+            mine = [r for r in runs if r["point"] == point and r["dataset"] == dataset and r["finished"]]
+            mpath = out / "measure" / f"{point}-{dataset}.json"
+            measured = json.loads(mpath.read_text()) if mpath.is_file() else {}
+            best, best_std = _mean_std([r["best"] for r in mine])
+            final, final_std = _mean_std([r["final"] for r in mine])
+            times = [r["median_step_time_s"] for r in mine if r["median_step_time_s"] is not None]
+            gains = [c[-1][1] - c[-2][1] for r in mine if len(c := r["test_curve"]) >= 2]
+            config = configs[(point, dataset)]
+            aggregates.append({
+                "point": point, "dataset": dataset, "method": config["method"],
+                "bsr": config["bsr"] if config["method"] in ("bsr", "tokendrop") else None,
+                "lr": config["lr"], "epochs": config["epochs"], "steps": mine[0]["steps"] if mine else None,
+                "seeds": [r["seed"] for r in mine],
+                "seeds_planned": sum(1 for r in runs if r["point"] == point and r["dataset"] == dataset),
+                "trainable_params": mine[0]["trainable_params"] if mine else measured.get("trainable_params"),
+                "best_mean": best, "best_std": best_std, "final_mean": final, "final_std": final_std,
+                "last_eval_gain": statistics.fmean(gains) if gains else None,  # plateau check: last - previous
+                "step_time_s": statistics.fmean(times) if times else None,
+                "train_peak_bytes": measured.get("train_peak_bytes"),
+                "saved_activation_bytes": measured.get("saved_activation_bytes"),
+                "train_flops_per_step": measured.get("train_flops_per_step"),
+                "tasks": task_means(mine),
+            })
+    for dataset in study.datasets:
+        rows = [a for a in aggregates if a["dataset"] == dataset]
+        full = next((a for a in rows if a["point"] == "full"), None) or \
+            next((a for a in rows if a["method"] == "full"), None)
+        for a in rows:
+            ok = full is not None and full["train_peak_bytes"] and a["train_peak_bytes"]
+            a["memory_ratio_vs_full"] = full["train_peak_bytes"] / a["train_peak_bytes"] if ok else None
+            a["best_minus_full"] = (a["best_mean"] - full["best_mean"]
+                                    if full is not None and a["best_mean"] is not None
+                                    and full["best_mean"] is not None else None)
+    cpu = torch.device("cpu")
+    meta = {"name": study.name, "measure": study.measure, "datasets": study.datasets, "points": study.points,
+            **environment(cpu)}
+    meta["machine"]["cpu"] = machine(cpu)["cpu"]
+    return {"meta": meta, "runs": runs, "aggregates": aggregates}
+
+
+def task_means(runs: list[dict]) -> Optional[dict]:
+    """Per-task mean/std over seeds of multi-task runs' best and final top-1 (None for single-task runs)."""
+    if not runs or not runs[0].get("tasks"):
+        return None
+    means = {}
+    for name in runs[0]["tasks"]:
+        best, best_std = _mean_std([r["tasks"][name]["best"] for r in runs])
+        final, final_std = _mean_std([r["tasks"][name]["final"] for r in runs])
+        means[name] = {"best_mean": best, "best_std": best_std, "final_mean": final, "final_std": final_std}
+    return means
+
+
+def test_curve(metrics: Path) -> list[tuple[int, float]]:
+    """(step, test top-1) of every evaluation a run logged."""
+    curve = []
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "test_acc" in record:
+                curve.append((record["step"], record["test_acc"]))
+    return curve
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the (memory, accuracy) points no other point beats: none has memory <= and accuracy >= with one
+    of them strictly better. Sorted by memory. Ties (equal memory and accuracy) keep the first."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1], i))
+    front, best = [], -math.inf
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+
+
+def _pm(mean: Optional[float], std: Optional[float]) -> str:
+    return "—" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def study_markdown(data: dict) -> str:
+    """One table per dataset of the aggregates (rendered from `study.json`'s records). "last-eval gain" is the mean
+    change of test top-1 between a run's last two evaluations: near zero when the run has reached its plateau."""
+    lines = [f"# Study {data['meta']['name']}", ""]
+    for dataset in data["meta"]["datasets"]:
+        rows = [a for a in data["aggregates"] if a["dataset"] == dataset]
+        lines += [f"## {dataset}", "",
+                  "| point | method | trainable params | top-1 best (mean ± std) | top-1 final (mean ± std) | seeds "
+                  "| last-eval gain | train peak MiB | memory ratio vs full | step ms | GFLOPs/step |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for a in rows:
+            peak = f"{a['train_peak_bytes'] / MIB:,.1f}" if a["train_peak_bytes"] else "—"
+            ratio = f"{a['memory_ratio_vs_full']:.2f}x" if a["memory_ratio_vs_full"] else "—"
+            ms = f"{1000 * a['step_time_s']:.1f}" if a["step_time_s"] else "—"
+            flops = f"{a['train_flops_per_step'] / 1e9:,.2f}" if a["train_flops_per_step"] else "—"
+            params = f"{a['trainable_params']:,}" if a["trainable_params"] else "—"
+            gain = f"{a['last_eval_gain']:+.2f}" if a.get("last_eval_gain") is not None else "—"
+            lines.append(f"| {a['point']} | {a['method']} | {params} | {_pm(a['best_mean'], a['best_std'])} | "
+                         f"{_pm(a['final_mean'], a['final_std'])} | {len(a['seeds'])}/{a['seeds_planned']} | "
+                         f"{gain} | {peak} | {ratio} | {ms} | {flops} |")
+        lines.append("")
+        tasks = next((a["tasks"] for a in rows if a.get("tasks")), None)
+        if tasks:
+            lines += ["Per task, final top-1 (mean ± std over seeds):", "",
+                      "| point | " + " | ".join(tasks) + " | mean |", "|---|" + "---:|" * (len(tasks) + 1)]
+            for a in (a for a in rows if a.get("tasks")):
+                cells = [_pm(t["final_mean"], t["final_std"]) for t in a["tasks"].values()]
+                lines.append(f"| {a['point']} | " + " | ".join(cells) + f" | {_pm(a['final_mean'], a['final_std'])} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_memory(data: dict, path: str | Path) -> None:
+    """One panel per dataset: mean best top-1 against training peak memory, every point labelled, Pareto front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = data["meta"]["datasets"]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5.5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        rows = [a for a in data["aggregates"] if a["dataset"] == dataset
+                and a["best_mean"] is not None and a["train_peak_bytes"]]
+        xs = [a["train_peak_bytes"] / MIB for a in rows]
+        ys = [a["best_mean"] for a in rows]
+        for a, x, y in zip(rows, xs, ys):
+            ablation = a["point"] not in (a["method"],) and a["method"] == "bsr"
+            ax.errorbar(x, y, yerr=a["best_std"] or 0, fmt="s" if ablation else "o", ms=5, capsize=2,
+                        color="tab:orange" if ablation else ("tab:red" if a["point"] == "bsr" else "tab:blue"))
+            ax.annotate(a["point"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        front = pareto_front(list(zip(xs, ys)))
+        if front:
+            fx = [xs[i] for i in front]
+            fy = [ys[i] for i in front]
+            ax.step(fx + [max(xs)], fy + [fy[-1]], where="post", color="grey", lw=1, ls="--",
+                    label="Pareto front (best top-1 at ≤ memory)")
+            ax.legend(loc="upper left", fontsize=8)
+        ax.set_title(dataset)
+        ax.set_xlabel("training peak memory (MiB, measured RSS above baseline)")
+        ax.set_ylabel("top-1 best (%), mean over seeds")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"study {data['meta']['name']}: accuracy vs training memory "
+                 f"(circles: methods, squares: BSR ablations)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(data: dict, out: Path) -> None:
+    """study.json, study.md and accuracy_vs_memory.png in `out`."""
+    atomic_write_bytes(out / "study.json", (json.dumps(data, indent=2) + "\n").encode())
+    atomic_write_bytes(out / "study.md", study_markdown(data).encode())
+    plot_accuracy_vs_memory(data, out / "accuracy_vs_memory.png")

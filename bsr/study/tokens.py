@@ -1,0 +1,104 @@
+"""`bsr show-tokens`: which patches a trained BSR run keeps after each drop block (Sarkar et al., arXiv 2405.10951:
+tokens ranked by the CLS token's attention), drawn over the images, one row per image."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..core.patch import bsr_state, kept_patch_indices, record_kept_tokens
+from ..data import ImageTransform
+from ..errors import BSRError
+from ..train import load_run
+from ..train.batches import build_data
+from ..train.build import backbone, image_size
+
+
+def _load_image_files(paths: Sequence[str], size: int, mean: Sequence[float],
+                      std: Sequence[float]) -> tuple[torch.Tensor, list[str]]:
+    """Image files as a normalised batch (B, 3, size, size) and their names."""
+    transform = ImageTransform(size, train=False, mean=mean, std=std)
+    images = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                images.append(transform(im.convert("RGB")))
+        except (OSError, UnidentifiedImageError) as e:
+            raise BSRError(f"cannot read image {p}: {e}; pass PNG/JPEG files") from None
+    return torch.stack(images), [Path(p).name for p in paths]
+
+
+def show_tokens(run_dir: str | Path, images: Sequence[str] = (), dataset_images: int = 0,
+                out: str | Path = "tokens.png") -> Path:
+    """Draw, for each image (one row), the image and the patches kept after each drop block (dropped ones greyed).
+
+    `images` are image files; `dataset_images` N adds N test images of the run's dataset (spread over the split); a
+    multi-task run is shown on its first task (images, gates and head). Returns the written PNG's path.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not images and dataset_images < 1:
+        raise BSRError("no images: pass image files or --dataset-images N")
+    cfg, model = load_run(run_dir, torch.device("cpu"))
+    vit = backbone(model)
+    state = bsr_state(vit)
+    if state is None or not state.drop_blocks:
+        raise BSRError(f"run {run_dir} drops no tokens (method {cfg.method}); pick a bsr or tokendrop run")
+    size = image_size(model)
+    batch, names = [], []
+    if images:
+        x, names = _load_image_files(images, size, cfg.mean, cfg.std)
+        batch.append(x)
+    if dataset_images > 0:
+        _, test_set = build_data(replace(cfg, dataset=cfg.task_names[0]), size, train=False)
+        picks = np.linspace(0, len(test_set) - 1, min(dataset_images, len(test_set))).round().astype(int)
+        items = [test_set[int(i)] for i in picks]
+        batch.append(torch.stack([im for im, _ in items]))
+        classes = getattr(test_set, "classes", None) or []
+        names += [f"test #{i}, label {classes[y] if y < len(classes) else y}" for i, (_, y) in zip(picks, items)]
+    x = torch.cat(batch)
+    with torch.no_grad(), record_kept_tokens(vit) as records:
+        preds = (model(x, 0) if cfg.tasks else model(x)).argmax(-1).tolist()
+    grid = vit.patch_embed.grid_size
+    blocks = sorted(records)
+    kept = kept_patch_indices([records[b][0] for b in blocks], grid[0] * grid[1])
+
+    mean = torch.tensor(cfg.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.std).view(3, 1, 1)
+    pictures = (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
+    ph, pw = size // grid[0], size // grid[1]
+    cols = 1 + len(blocks)
+    fig, axes = plt.subplots(len(x), cols, figsize=(2.0 * cols, 2.1 * len(x)), squeeze=False)
+    for r in range(len(x)):
+        axes[r][0].imshow(pictures[r])
+        axes[r][0].set_title(f"{names[r]}\npred {preds[r]}", fontsize=7)
+        for c, b in enumerate(blocks, 1):
+            mask = np.zeros(grid, dtype=bool)
+            idx = kept[c - 1][r]
+            idx = idx[idx >= 0].numpy()
+            mask.flat[idx] = True
+            shown = pictures[r].copy()
+            dropped = np.repeat(np.repeat(~mask, ph, 0), pw, 1)  # (H, W)
+            shown[dropped] = 0.35 + 0.3 * shown[dropped]  # grey veil over dropped patches
+            axes[r][c].imshow(shown)
+            fused = " + fused" if (kept[c - 1][r] < 0).any() else ""
+            axes[r][c].set_title(f"after block {b}: {len(idx)}/{grid[0] * grid[1]}{fused}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"patches kept ({cfg.method}, keep rate {state.keep_rate}, drop blocks {state.drop_blocks}); "
+                 f"grey: dropped", fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
