@@ -15,7 +15,8 @@ from bsr import BSRError
 from bsr.measure.bench import memory_record_isolated, run_bench
 from bsr.measure.bench_spec import BenchSpec
 from bsr.measure.report import compare_analytic, load_result, render_markdown, write_outputs
-from bsr.cli import build_parser, flags_to_values, main
+from bsr.cli import build_parser, main
+from bsr.cli.options import flags_to_values
 
 # 12 blocks (the default BSR blocks exist), 16 px / patch 4: 16 patches + CLS; one thread, since tiny steps on a
 # shared 2-core machine are fastest that way.
@@ -214,7 +215,7 @@ def test_moe_report_names_the_baseline(moe_result, tmp_path):
 
 
 def test_moe_command_line_round_trips():
-    from bsr.bench_cli import command_line
+    from bsr.cli.bench import command_line
 
     words = shlex.split(command_line(TINY_MOE, Path("out"), False))
     assert "--moe" in words and words[words.index("--moe-top-k") + 1] == "2"

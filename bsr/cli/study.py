@@ -1,20 +1,26 @@
-"""Command-line parsers of `bsr study` and `bsr show-tokens`; they only parse and call `bsr.study`."""
+"""`bsr study` and `bsr show-tokens`: they only parse and call `bsr.study`."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .errors import BSRError
+from ..errors import BSRError
 
 
-def add_study_parser(sub) -> None:
+def add(sub) -> None:
+    """Register `bsr study` and `bsr show-tokens` on the `bsr` subparsers."""
+    _add_study(sub)
+    _add_show_tokens(sub)
+
+
+def _add_study(sub) -> None:
     p = sub.add_parser("study", help="run a grid of fine-tuning runs from a YAML file, with table and plot",
                        description="Run every run of STUDY.yaml (each exactly as `bsr train` would), measure the "
                                    "training memory and FLOPs of every configuration, and write study.json, study.md, "
                                    "accuracy_vs_memory.png and tokens-<dataset>.png into --out. Finished runs are "
                                    "skipped, killed ones resumed: run the same command again to continue.")
-    p.add_argument("study", metavar="STUDY.yaml", help="study file (see bsr/study.py and studies/*.yaml)")
+    p.add_argument("study", metavar="STUDY.yaml", help="study file (see bsr/study/grid.py and studies/*.yaml)")
     p.add_argument("--quick", action="store_true", help="apply the file's quick: section (fewer epochs/seeds/points)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel, each a fresh process (use threads: 1)")
     p.add_argument("--out", default=None, help="output directory (default: runs/study-<name>[-quick])")
@@ -25,7 +31,7 @@ def add_study_parser(sub) -> None:
 
 
 def _run_study(args: argparse.Namespace) -> int:
-    from .study import load_study, run_study
+    from ..study import load_study, run_study
 
     study = load_study(args.study, quick=args.quick)
     out = args.out or str(Path("runs") / f"study-{study.name}{'-quick' if args.quick else ''}")
@@ -33,7 +39,7 @@ def _run_study(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_show_tokens_parser(sub) -> None:
+def _add_show_tokens(sub) -> None:
     p = sub.add_parser("show-tokens", help="draw which patches a BSR run keeps after each drop block",
                        description="For each image (one row): the image, then the patches kept after each drop "
                                    "block of the trained model of RUN_DIR, dropped patches greyed out.")
@@ -46,7 +52,7 @@ def add_show_tokens_parser(sub) -> None:
 
 
 def _run_show_tokens(args: argparse.Namespace) -> int:
-    from .study import show_tokens
+    from ..study import show_tokens
 
     if args.dataset_images < 0:
         raise BSRError(f"--dataset-images {args.dataset_images} must not be negative")

@@ -1,4 +1,4 @@
-"""`bsr bench`: the command-line face of `bsr.bench` (it only parses flags and calls the library).
+"""`bsr bench`: the command-line face of `bsr.measure.bench` (it only parses flags and calls the library).
 
 Flags are generated from the `BenchSpec` and `BSRConfig` fields and their help strings, like `bsr train`'s.
 """
@@ -11,17 +11,16 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from .measure.bench import run_bench
-from .measure.bench_spec import BenchSpec
-from .core.config import BSRConfig
+from ..core.config import BSRConfig
+from ..measure.bench import run_bench
+from ..measure.bench_spec import BenchSpec
+from .options import add_dataclass_flags, flags_to_values
 
 _OWN_FLAGS = ("command", "run", "out", "compare_analytic", "in_process")
 
 
-def add_bench_parser(sub) -> None:
-    """Register the `bench` subcommand on the `bsr` subparsers."""
-    from .cli import add_dataclass_flags
-
+def add(sub) -> None:
+    """Register `bsr bench` on the `bsr` subparsers."""
     p = sub.add_parser("bench", help="memory, FLOPs and time of every method side by side",
                        description="Benchmark fine-tuning methods on one model: memory per method in a fresh "
                                    "process, time round-robin in one process; writes bench.json, bench.md and "
@@ -62,8 +61,7 @@ def _log(message: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .measure.report import compare_analytic, write_outputs
-    from .cli import flags_to_values
+    from ..measure.report import compare_analytic, write_outputs
 
     spec = BenchSpec.from_dict(flags_to_values(args, ignore=_OWN_FLAGS))
     spec.check()
