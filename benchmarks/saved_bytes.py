@@ -4,7 +4,8 @@
     python benchmarks/saved_bytes.py --model deit_small_patch16_224 --out runs/saved_bytes_deit.json
 
 Counts every storage autograd saves during the forward of one training step (loss included), once per storage,
-parameters excluded (`bsr.measure.saved_tensor_bytes`). Weights are random: saved bytes do not depend on their values.
+parameters excluded (`bsr.measure.memory.saved_tensor_bytes`). Weights are random: saved bytes do not depend on their
+values.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
 
 import bsr
-from bsr.bench import BenchSpec, build, make_batch
-from bsr.measure import saved_tensor_bytes
+from bsr.measure.bench import workload
+from bsr.measure.bench_spec import BenchSpec
+from bsr.measure.memory import saved_tensor_bytes
 
 MiB = 2 ** 20
 
@@ -33,13 +34,11 @@ def measure(model_name: str, method: str, batch_size: int, img_size: int, num_cl
     """
     spec = BenchSpec(model=model_name, img_size=img_size, batch_size=batch_size, num_classes=num_classes,
                      methods=[method], bsr=config.to_dict())
-    device = torch.device("cpu")
-    model = build(spec, method, device)
-    images, labels = make_batch(spec, img_size, device)
-    saved = saved_tensor_bytes(lambda: F.cross_entropy(model(images), labels), model=model)
+    work = workload(spec, method, torch.device("cpu"))
+    saved = saved_tensor_bytes(work.loss, model=work.model)
     return {"method": method, "model": model_name, "batch_size": batch_size, "img_size": img_size,
             "saved_activation_bytes": saved.total, "by_block": saved.by_block,
-            "tokens": bsr.summary(model).tokens, "config": config.to_dict() if method == "bsr" else None}
+            "tokens": bsr.summary(work.model).tokens, "config": config.to_dict() if method == "bsr" else None}
 
 
 def table(records: list[dict]) -> str:

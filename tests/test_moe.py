@@ -1,4 +1,5 @@
-"""`bsr.moe`: top-k routing against a per-token loop, dense parity at init, task gates, BSR on a multi-task MoE ViT."""
+"""`bsr.core.moe`: top-k routing against a per-token loop, dense parity at init, task gates, BSR on a multi-task MoE
+ViT."""
 
 import copy
 

@@ -187,7 +187,7 @@ def analytic_memory_bytes(model: nn.Module, *, batch_size: int, trainable_blocks
 
     `trainable_blocks`: block indices trained in full (the final norm and head always train); `train_everything`
     trains all parameters including the patch embedding (then `trainable_blocks` is ignored). `token_counts`: per
-    block `(attention tokens, MLP tokens)` as `bsr.ops.token_counts` gives; None means no dropping. Only shapes are
+    block `(attention tokens, MLP tokens)` as `bsr.core.ops.token_counts` gives; None means no dropping. Only shapes are
     read, so a model built on the `meta` device is fine.
     """
     if batch_size < 1:

@@ -203,7 +203,7 @@ def round_robin_times(spec: BenchSpec, names: list[str], device: torch.device,
 
 
 def analytic_fields(spec: BenchSpec, name: str, tokens: list) -> dict:
-    """The authors' formula (`bsr.analytic`) for method `name`, where it has a counterpart; else None fields.
+    """The authors' formula (`bsr.measure.analytic`) for method `name`, where it has a counterpart; else None fields.
 
     last-k is BSR without dropping on the last k blocks; bsr-lean gets bsr's formula, which knows nothing of the lean
     options (it already assumes 8-bit frozen weights). `softmax_bytes` is the part of the kept activations that is

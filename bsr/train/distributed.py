@@ -7,9 +7,9 @@ here is the identity, so the single-process path computes exactly what it did be
 
 Why DDP is wrapped after the method is applied: DDP registers for gradient all-reduce only the parameters whose
 `requires_grad` is set when it is built, so frozen blocks cost no communication; what one step all-reduces is
-`gradient_bytes(model)`. Every method of `bsr.methods` uses all its trainable parameters in every forward (tested),
-hence `find_unused_parameters=False` and no extra graph traversal per step. A model whose forward may leave trainable
-parameters without gradient (a mixture of experts whose experts receive no token in a batch) must pass
+`gradient_bytes(model)`. Every method of `bsr.train.methods` uses all its trainable parameters in every forward
+(tested), hence `find_unused_parameters=False` and no extra graph traversal per step. A model whose forward may leave
+trainable parameters without gradient (a mixture of experts whose experts receive no token in a batch) must pass
 `find_unused=True` to `wrap`.
 """
 
