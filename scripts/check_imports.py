@@ -20,7 +20,7 @@ from pathlib import Path
 
 # Layers, bottom to top; a module may import its own layer and the ones below. `base` holds bsr's top-level modules
 # (errors, files, version); `api` is the package's own __init__ (the public names) and `python -m bsr`.
-LAYERS = ("base", "core", "data", "weights", "train", "deploy", "measure", "study", "cli", "api")
+LAYERS = ("base", "core", "data", "weights", "deploy", "train", "measure", "study", "cli", "api")
 
 
 def module_name(path: Path, root: Path) -> str:
