@@ -88,6 +88,19 @@ def _names(value: Any, where: str, kind: type = str) -> list:
     return list(value)
 
 
+@dataclass
+class _Grid:
+    """The sections of a study file that every run entry expands against (after the `quick:` overlay)."""
+
+    source: str
+    base: dict
+    per_dataset: dict
+    datasets: list[str]
+    seeds: list[int]
+    quick: bool
+    keep_points: Optional[list[str]] = None  # quick.runs
+
+
 def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> Study:
     """A `Study` from the mapping of a study file; every run's TrainConfig is resolved (and so validated) here.
 
@@ -97,78 +110,90 @@ def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> St
     unknown = [k for k in data if k not in STUDY_KEYS and not str(k).startswith("x-")]  # x-*: YAML anchors
     if unknown:
         raise BSRError(f"{source}: unknown study key {unknown[0]!r}; use {', '.join(STUDY_KEYS)}")
-    quick_part = _mapping(data.get("quick"), f"{source}: quick")
-    bad = [k for k in quick_part if k not in QUICK_KEYS]
-    if bad:
-        raise BSRError(f"{source}: unknown key quick.{bad[0]}; quick may set {', '.join(QUICK_KEYS)}")
-    base = _mapping(data.get("base"), f"{source}: base")
-    per_dataset = _mapping(data.get("per_dataset"), f"{source}: per_dataset")
-    datasets = _names(data.get("datasets", [base.get("dataset", "digits-embedded")]), f"{source}: datasets")
-    seeds = _names(data.get("seeds", [0]), f"{source}: seeds", int)
+    grid = _grid(data, quick, source)
     entries = data.get("runs")
     if not isinstance(entries, list) or not entries:
         raise BSRError(f"{source}: runs must be a non-empty list of entries like {{name: bsr, method: bsr}}")
-    keep_points: Optional[list[str]] = None
-    if quick:
-        base = merge_options(base, _mapping(quick_part.get("base"), f"{source}: quick.base"))
-        for name, values in _mapping(quick_part.get("per_dataset"), f"{source}: quick.per_dataset").items():
-            own = _mapping(per_dataset.get(name), f"{source}: per_dataset.{name}")
-            per_dataset[name] = merge_options(own, values)
-        if "datasets" in quick_part:
-            datasets = _names(quick_part["datasets"], f"{source}: quick.datasets")
-        if "seeds" in quick_part:
-            seeds = _names(quick_part["seeds"], f"{source}: quick.seeds", int)
-        if "runs" in quick_part:
-            keep_points = _names(quick_part["runs"], f"{source}: quick.runs")
-    for name in per_dataset:
-        _mapping(per_dataset[name], f"{source}: per_dataset.{name}")
-
     runs: list[RunSpec] = []
     points: list[str] = []
     for i, entry in enumerate(entries):
-        entry = _mapping(entry, f"{source}: runs[{i}]")
-        name = entry.pop("name", None)
-        if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
-            raise BSRError(f"{source}: runs[{i}] needs a name without spaces or slashes, e.g. name: bsr")
-        if name in points:
-            raise BSRError(f"{source}: run name {name!r} is used twice; give each entry its own name")
-        points.append(name)
-        entry_datasets = _names(entry.pop("datasets"), f"{source}: runs.{name}.datasets") \
-            if "datasets" in entry else datasets
-        entry_seeds = _names(entry.pop("seeds"), f"{source}: runs.{name}.seeds", int) if "seeds" in entry else seeds
-        priority = entry.pop("priority", 0)
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise BSRError(f"{source}: runs.{name}.priority={priority!r} must be an integer (higher runs earlier)")
-        if quick:
-            entry_datasets = [d for d in entry_datasets if d in datasets]
-            entry_seeds = [s for s in entry_seeds if s in seeds] or seeds[:1]
-        for key in ("dataset", "tasks", "seed", "out"):
-            if key in entry or key in base:
-                raise BSRError(f"{source}: {key!r} is set by the study (datasets/seeds/--out); remove it from "
-                               f"{'base' if key in base else 'runs.' + name}")
-        for dataset in entry_datasets:
-            for seed in entry_seeds:
-                values = merge_options(base, _mapping(per_dataset.get(dataset), f"per_dataset.{dataset}"), entry,
-                               {**dataset_options(dataset), "seed": seed})
-                try:
-                    cfg = resolve_config(values)
-                except BSRError as e:
-                    raise BSRError(f"{source}: run {name} on {dataset}: {e}") from None
-                runs.append(RunSpec(name, dataset, seed, cfg.to_dict(), priority))
-    if keep_points is not None:
-        missing = [p for p in keep_points if p not in points]
+        runs += _entry_runs(grid, i, entry, points)
+    if grid.keep_points is not None:
+        missing = [p for p in grid.keep_points if p not in points]
         if missing:
             raise BSRError(f"{source}: quick.runs names {missing[0]!r}, which is not a run name; use one of "
                            f"{', '.join(points)}")
-        runs = [r for r in runs if r.point in keep_points]
-        points = [p for p in points if p in keep_points]
+        runs = [r for r in runs if r.point in grid.keep_points]
+        points = [p for p in points if p in grid.keep_points]
     measure = merge_options(MEASURE_DEFAULTS, _mapping(data.get("measure"), f"{source}: measure"))
     bad = [k for k in measure if k not in MEASURE_DEFAULTS]
     if bad:
         raise BSRError(f"{source}: unknown key measure.{bad[0]}; use {', '.join(MEASURE_DEFAULTS)}")
     name = data.get("name", Path(source).stem)
-    used = [d for d in datasets if any(r.dataset == d for r in runs)]
+    used = [d for d in grid.datasets if any(r.dataset == d for r in runs)]
     return Study(name=str(name), runs=runs, measure=measure, points=points, datasets=used)
+
+
+def _grid(data: dict, quick: bool, source: str) -> _Grid:
+    """base, per_dataset, datasets and seeds of a study file, with its `quick:` section laid over them if `quick`."""
+    quick_part = _mapping(data.get("quick"), f"{source}: quick")
+    bad = [k for k in quick_part if k not in QUICK_KEYS]
+    if bad:
+        raise BSRError(f"{source}: unknown key quick.{bad[0]}; quick may set {', '.join(QUICK_KEYS)}")
+    base = _mapping(data.get("base"), f"{source}: base")
+    grid = _Grid(source, base, _mapping(data.get("per_dataset"), f"{source}: per_dataset"),
+                 _names(data.get("datasets", [base.get("dataset", "digits-embedded")]), f"{source}: datasets"),
+                 _names(data.get("seeds", [0]), f"{source}: seeds", int), quick)
+    if quick:
+        grid.base = merge_options(grid.base, _mapping(quick_part.get("base"), f"{source}: quick.base"))
+        for name, values in _mapping(quick_part.get("per_dataset"), f"{source}: quick.per_dataset").items():
+            own = _mapping(grid.per_dataset.get(name), f"{source}: per_dataset.{name}")
+            grid.per_dataset[name] = merge_options(own, values)
+        if "datasets" in quick_part:
+            grid.datasets = _names(quick_part["datasets"], f"{source}: quick.datasets")
+        if "seeds" in quick_part:
+            grid.seeds = _names(quick_part["seeds"], f"{source}: quick.seeds", int)
+        if "runs" in quick_part:
+            grid.keep_points = _names(quick_part["runs"], f"{source}: quick.runs")
+    for name in grid.per_dataset:
+        _mapping(grid.per_dataset[name], f"{source}: per_dataset.{name}")
+    return grid
+
+
+def _entry_runs(grid: _Grid, i: int, entry: Any, points: list[str]) -> list[RunSpec]:
+    """The runs of entry `i` of `runs:` (one per dataset and seed), each config resolved; its name joins `points`."""
+    source = grid.source
+    entry = _mapping(entry, f"{source}: runs[{i}]")
+    name = entry.pop("name", None)
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\ "):
+        raise BSRError(f"{source}: runs[{i}] needs a name without spaces or slashes, e.g. name: bsr")
+    if name in points:
+        raise BSRError(f"{source}: run name {name!r} is used twice; give each entry its own name")
+    points.append(name)
+    datasets = _names(entry.pop("datasets"), f"{source}: runs.{name}.datasets") if "datasets" in entry \
+        else grid.datasets
+    seeds = _names(entry.pop("seeds"), f"{source}: runs.{name}.seeds", int) if "seeds" in entry else grid.seeds
+    priority = entry.pop("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise BSRError(f"{source}: runs.{name}.priority={priority!r} must be an integer (higher runs earlier)")
+    if grid.quick:
+        datasets = [d for d in datasets if d in grid.datasets]
+        seeds = [s for s in seeds if s in grid.seeds] or grid.seeds[:1]
+    for key in ("dataset", "tasks", "seed", "out"):
+        if key in entry or key in grid.base:
+            raise BSRError(f"{source}: {key!r} is set by the study (datasets/seeds/--out); remove it from "
+                           f"{'base' if key in grid.base else 'runs.' + name}")
+    runs = []
+    for dataset in datasets:
+        for seed in seeds:
+            values = merge_options(grid.base, _mapping(grid.per_dataset.get(dataset), f"per_dataset.{dataset}"),
+                                   entry, {**dataset_options(dataset), "seed": seed})
+            try:
+                cfg = resolve_config(values)
+            except BSRError as e:
+                raise BSRError(f"{source}: run {name} on {dataset}: {e}") from None
+            runs.append(RunSpec(name, dataset, seed, cfg.to_dict(), priority))
+    return runs
 
 
 def dataset_options(label: str) -> dict:

@@ -17,7 +17,7 @@ import torch
 from ..files import atomic_write_bytes
 from ..measure.bench import machine
 from ..train.runs import environment
-from .grid import Study
+from .grid import RunSpec, Study
 
 MIB = 2 ** 20
 
@@ -30,50 +30,10 @@ def _mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
 
 def collect(study: Study, out: Path) -> dict:
     """Every run's record plus one aggregate per (point, dataset): mean/std over seeds, measured memory/FLOPs."""
-    runs, aggregates = [], []
-    for run in study.runs:
-        path = out / "runs" / run.run_id / "report.json"
-        record = {"id": run.run_id, "point": run.point, "dataset": run.dataset, "seed": run.seed,
-                  "method": run.config["method"], "finished": path.is_file()}
-        if path.is_file():
-            report = json.loads(path.read_text())
-            record.update({"best": report["accuracy"]["best"], "final": report["accuracy"]["final"],
-                           "best_step": report["accuracy"]["best_step"], "steps": report["steps"],
-                           "trainable_params": report["params"]["trainable"],
-                           "total_params": report["params"]["total"],
-                           "median_step_time_s": report["median_step_time_s"],
-                           "peak_memory_mib_run": report["peak_memory_mib"],
-                           "tasks": report["accuracy"].get("tasks"),
-                           "test_curve": test_curve(path.parent / "metrics.jsonl")})
-        runs.append(record)
+    runs = [run_record(run, out) for run in study.runs]
     configs = study.configs()
-    for dataset in study.datasets:
-        for point in study.points:
-            if (point, dataset) not in configs:
-                continue
-            mine = [r for r in runs if r["point"] == point and r["dataset"] == dataset and r["finished"]]
-            mpath = out / "measure" / f"{point}-{dataset}.json"
-            measured = json.loads(mpath.read_text()) if mpath.is_file() else {}
-            best, best_std = _mean_std([r["best"] for r in mine])
-            final, final_std = _mean_std([r["final"] for r in mine])
-            times = [r["median_step_time_s"] for r in mine if r["median_step_time_s"] is not None]
-            gains = [c[-1][1] - c[-2][1] for r in mine if len(c := r["test_curve"]) >= 2]
-            config = configs[(point, dataset)]
-            aggregates.append({
-                "point": point, "dataset": dataset, "method": config["method"],
-                "bsr": config["bsr"] if config["method"] in ("bsr", "tokendrop") else None,
-                "lr": config["lr"], "epochs": config["epochs"], "steps": mine[0]["steps"] if mine else None,
-                "seeds": [r["seed"] for r in mine],
-                "seeds_planned": sum(1 for r in runs if r["point"] == point and r["dataset"] == dataset),
-                "trainable_params": mine[0]["trainable_params"] if mine else measured.get("trainable_params"),
-                "best_mean": best, "best_std": best_std, "final_mean": final, "final_std": final_std,
-                "last_eval_gain": statistics.fmean(gains) if gains else None,  # plateau check: last - previous
-                "step_time_s": statistics.fmean(times) if times else None,
-                "train_peak_bytes": measured.get("train_peak_bytes"),
-                "saved_activation_bytes": measured.get("saved_activation_bytes"),
-                "train_flops_per_step": measured.get("train_flops_per_step"),
-                "tasks": task_means(mine),
-            })
+    aggregates = [aggregate(point, dataset, configs[(point, dataset)], runs, out)
+                  for dataset in study.datasets for point in study.points if (point, dataset) in configs]
     for dataset in study.datasets:
         rows = [a for a in aggregates if a["dataset"] == dataset]
         full = next((a for a in rows if a["point"] == "full"), None) or \
@@ -89,6 +49,50 @@ def collect(study: Study, out: Path) -> dict:
             **environment(cpu)}
     meta["machine"]["cpu"] = machine(cpu)["cpu"]
     return {"meta": meta, "runs": runs, "aggregates": aggregates}
+
+
+def run_record(run: RunSpec, out: Path) -> dict:
+    """One run's record: what it is, and (once its report.json exists) its accuracy, size, speed and test curve."""
+    path = out / "runs" / run.run_id / "report.json"
+    record = {"id": run.run_id, "point": run.point, "dataset": run.dataset, "seed": run.seed,
+              "method": run.config["method"], "finished": path.is_file()}
+    if path.is_file():
+        report = json.loads(path.read_text())
+        record.update({"best": report["accuracy"]["best"], "final": report["accuracy"]["final"],
+                       "best_step": report["accuracy"]["best_step"], "steps": report["steps"],
+                       "trainable_params": report["params"]["trainable"],
+                       "total_params": report["params"]["total"],
+                       "median_step_time_s": report["median_step_time_s"],
+                       "peak_memory_mib_run": report["peak_memory_mib"],
+                       "tasks": report["accuracy"].get("tasks"),
+                       "test_curve": test_curve(path.parent / "metrics.jsonl")})
+    return record
+
+
+def aggregate(point: str, dataset: str, config: dict, runs: list[dict], out: Path) -> dict:
+    """The aggregate of (point, dataset): means/stds over its finished seeds, and its measured memory and FLOPs."""
+    mine = [r for r in runs if r["point"] == point and r["dataset"] == dataset and r["finished"]]
+    mpath = out / "measure" / f"{point}-{dataset}.json"
+    measured = json.loads(mpath.read_text()) if mpath.is_file() else {}
+    best, best_std = _mean_std([r["best"] for r in mine])
+    final, final_std = _mean_std([r["final"] for r in mine])
+    times = [r["median_step_time_s"] for r in mine if r["median_step_time_s"] is not None]
+    gains = [c[-1][1] - c[-2][1] for r in mine if len(c := r["test_curve"]) >= 2]
+    return {
+        "point": point, "dataset": dataset, "method": config["method"],
+        "bsr": config["bsr"] if config["method"] in ("bsr", "tokendrop") else None,
+        "lr": config["lr"], "epochs": config["epochs"], "steps": mine[0]["steps"] if mine else None,
+        "seeds": [r["seed"] for r in mine],
+        "seeds_planned": sum(1 for r in runs if r["point"] == point and r["dataset"] == dataset),
+        "trainable_params": mine[0]["trainable_params"] if mine else measured.get("trainable_params"),
+        "best_mean": best, "best_std": best_std, "final_mean": final, "final_std": final_std,
+        "last_eval_gain": statistics.fmean(gains) if gains else None,  # plateau check: last - previous
+        "step_time_s": statistics.fmean(times) if times else None,
+        "train_peak_bytes": measured.get("train_peak_bytes"),
+        "saved_activation_bytes": measured.get("saved_activation_bytes"),
+        "train_flops_per_step": measured.get("train_flops_per_step"),
+        "tasks": task_means(mine),
+    }
 
 
 def task_means(runs: list[dict]) -> Optional[dict]:

@@ -17,6 +17,7 @@ from ..errors import BSRError
 from ..train import load_run
 from ..train.batches import build_data
 from ..train.build import backbone, image_size
+from ..train.config import TrainConfig
 
 
 def _load_image_files(paths: Sequence[str], size: int, mean: Sequence[float],
@@ -40,11 +41,6 @@ def show_tokens(run_dir: str | Path, images: Sequence[str] = (), dataset_images:
     `images` are image files; `dataset_images` N adds N test images of the run's dataset (spread over the split); a
     multi-task run is shown on its first task (images, gates and head). Returns the written PNG's path.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not images and dataset_images < 1:
         raise BSRError("no images: pass image files or --dataset-images N")
     cfg, model = load_run(run_dir, torch.device("cpu"))
@@ -52,7 +48,22 @@ def show_tokens(run_dir: str | Path, images: Sequence[str] = (), dataset_images:
     state = bsr_state(vit)
     if state is None or not state.drop_blocks:
         raise BSRError(f"run {run_dir} drops no tokens (method {cfg.method}); pick a bsr or tokendrop run")
-    size = image_size(model)
+    x, names = _batch(cfg, image_size(model), images, dataset_images)
+    with torch.no_grad(), record_kept_tokens(vit) as records:
+        preds = (model(x, 0) if cfg.tasks else model(x)).argmax(-1).tolist()
+    grid = tuple(vit.patch_embed.grid_size)
+    blocks = sorted(records)
+    kept = kept_patch_indices([records[b][0] for b in blocks], grid[0] * grid[1])
+    pictures = (x * torch.tensor(cfg.std).view(3, 1, 1) + torch.tensor(cfg.mean).view(3, 1, 1)).clamp(0, 1)
+    rows = [(f"{name}\npred {pred}", picture) for name, pred, picture in zip(names, preds, pictures)]
+    title = (f"patches kept ({cfg.method}, keep rate {state.keep_rate}, drop blocks {state.drop_blocks}); "
+             f"grey: dropped")
+    return _draw(rows, blocks, kept, grid, title, Path(out))
+
+
+def _batch(cfg: TrainConfig, size: int, images: Sequence[str], dataset_images: int) -> tuple[torch.Tensor, list[str]]:
+    """The image files, then `dataset_images` test images of the run's (first) dataset spread over the split, as one
+    normalised batch (B, 3, size, size), and a caption per image."""
     batch, names = [], []
     if images:
         x, names = _load_image_files(images, size, cfg.mean, cfg.std)
@@ -64,28 +75,31 @@ def show_tokens(run_dir: str | Path, images: Sequence[str] = (), dataset_images:
         batch.append(torch.stack([im for im, _ in items]))
         classes = getattr(test_set, "classes", None) or []
         names += [f"test #{i}, label {classes[y] if y < len(classes) else y}" for i, (_, y) in zip(picks, items)]
-    x = torch.cat(batch)
-    with torch.no_grad(), record_kept_tokens(vit) as records:
-        preds = (model(x, 0) if cfg.tasks else model(x)).argmax(-1).tolist()
-    grid = vit.patch_embed.grid_size
-    blocks = sorted(records)
-    kept = kept_patch_indices([records[b][0] for b in blocks], grid[0] * grid[1])
+    return torch.cat(batch), names
 
-    mean = torch.tensor(cfg.mean).view(3, 1, 1)
-    std = torch.tensor(cfg.std).view(3, 1, 1)
-    pictures = (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
-    ph, pw = size // grid[0], size // grid[1]
+
+def _draw(rows: list[tuple[str, torch.Tensor]], blocks: list[int], kept: list[torch.Tensor], grid: tuple[int, int],
+          title: str, out: Path) -> Path:
+    """One row per (caption, picture (3, H, W) in [0, 1]): the picture, then after each block its kept patches
+    (`kept[c][row]`: patch indices, -1 for the fused token) with a grey veil over the dropped ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     cols = 1 + len(blocks)
-    fig, axes = plt.subplots(len(x), cols, figsize=(2.0 * cols, 2.1 * len(x)), squeeze=False)
-    for r in range(len(x)):
-        axes[r][0].imshow(pictures[r])
-        axes[r][0].set_title(f"{names[r]}\npred {preds[r]}", fontsize=7)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(2.0 * cols, 2.1 * len(rows)), squeeze=False)
+    for r, (caption, picture) in enumerate(rows):
+        image = picture.permute(1, 2, 0).numpy()  # (H, W, 3)
+        ph, pw = image.shape[0] // grid[0], image.shape[1] // grid[1]
+        axes[r][0].imshow(image)
+        axes[r][0].set_title(caption, fontsize=7)
         for c, b in enumerate(blocks, 1):
             mask = np.zeros(grid, dtype=bool)
             idx = kept[c - 1][r]
             idx = idx[idx >= 0].numpy()
             mask.flat[idx] = True
-            shown = pictures[r].copy()
+            shown = image.copy()
             dropped = np.repeat(np.repeat(~mask, ph, 0), pw, 1)  # (H, W)
             shown[dropped] = 0.35 + 0.3 * shown[dropped]  # grey veil over dropped patches
             axes[r][c].imshow(shown)
@@ -94,10 +108,8 @@ def show_tokens(run_dir: str | Path, images: Sequence[str] = (), dataset_images:
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"patches kept ({cfg.method}, keep rate {state.keep_rate}, drop blocks {state.drop_blocks}); "
-                 f"grey: dropped", fontsize=8)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
