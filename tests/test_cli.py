@@ -13,7 +13,7 @@ import bsr  # noqa: F401
 from bsr.train.checkpoint import CHECKPOINT_NAME
 from bsr.cli import EXIT_USER_ERROR, main
 
-TINY = ["--img-size", "16", "--checkpoint", "none", "--limit", "32", "--batch-size", "16", "--steps", "2",
+TINY = ["--model", "vit_micro_patch4_28", "--img-size", "16", "--checkpoint", "none", "--limit", "32", "--batch-size", "16", "--steps", "2",
         "--eval-every", "2", "--no-progress"]
 
 
@@ -68,6 +68,8 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, finish
     argv = [a.format(tmp=tmp_path, run=finished_run) for a in argv]
     if argv[0] == "train" and "--out" not in argv and "--resume" not in argv:
         argv += ["--out", str(tmp_path / "out")]
+    if argv[0] == "train" and "--model" not in argv and "--resume" not in argv:
+        argv += ["--model", "vit_micro_patch4_28"]  # the tests' model: the default one converts its weights first
     before, run_before = snapshot(tmp_path), snapshot(finished_run)
     code, out, err = run_cli(capsys, *argv)
     assert code == EXIT_USER_ERROR

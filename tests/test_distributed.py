@@ -35,7 +35,8 @@ def tiny(out: Path, **overrides) -> dict:
     part of qkv.bias: softmax ignores it) it turns float rounding noise, which differs between 1 and 2 processes, into
     full-size steps.
     """
-    values = dict(img_size=16, checkpoint="none", dataset="digits-embedded", limit=64, batch_size=8, steps=6,
+    values = dict(model="vit_micro_patch4_28", img_size=16, checkpoint="none", dataset="digits-embedded",
+                  limit=64, batch_size=8, steps=6,
                   eval_every=3, warmup_steps=2, warmup_epochs=0.0, out=str(out), log_every=1, threads=1,
                   optimizer="sgd", lr=0.05, weight_decay=0.0)
     return {**values, **overrides}

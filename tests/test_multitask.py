@@ -17,7 +17,7 @@ TASKS = ["digits-embedded", "sklearn-digits"]
 
 def tiny(tmp_path, name="run", **overrides):
     """Two digit tasks at 16 px, 64 images per split, batch 16 (4 steps per epoch), 4 experts top-2."""
-    values = dict(tasks=TASKS, img_size=16, checkpoint="none", limit=64, batch_size=16, steps=4, eval_every=2,
+    values = dict(model="vit_micro_patch4_28", tasks=TASKS, img_size=16, checkpoint="none", limit=64, batch_size=16, steps=4, eval_every=2,
                   warmup_steps=1, warmup_epochs=0.0, out=str(tmp_path / name), log_every=1, moe_experts=4,
                   moe_top_k=2, threads=1)
     values.update(overrides)

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # vit_micro at 16 px (4x4 patches), 32 images, 2 steps: seconds per run.
 TINY = {
     "name": "tiny",
-    "base": {"img_size": 16, "checkpoint": "none", "limit": 32, "batch_size": 16, "steps": 2, "eval_every": 2,
+    "base": {"model": "vit_micro_patch4_28", "img_size": 16, "checkpoint": "none", "limit": 32, "batch_size": 16, "steps": 2, "eval_every": 2,
              "threads": 1},
     "datasets": ["digits-embedded"],
     "seeds": [0],

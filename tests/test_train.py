@@ -17,7 +17,8 @@ from bsr.train.checkpoint import read_checkpoint
 
 def tiny(tmp_path, name="run", **overrides) -> TrainConfig:
     """A run that takes a few seconds: 16 px digits, 64 images per split, batch 16 (4 steps per epoch)."""
-    values = dict(img_size=16, checkpoint="none", dataset="digits-embedded", limit=64, batch_size=16, steps=6,
+    values = dict(model="vit_micro_patch4_28", img_size=16, checkpoint="none", dataset="digits-embedded",
+                  limit=64, batch_size=16, steps=6,
                   eval_every=3, warmup_steps=2, warmup_epochs=0.0, out=str(tmp_path / name), log_every=1)
     values.update(overrides)
     return make_config(values)

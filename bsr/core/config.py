@@ -87,6 +87,10 @@ class BSRConfig:
         default=True,
         metadata={"help": "let gradients flow through the CLS scores into the fused token (off: scores are "
                           "constants, saving a little memory)"})
+    train_patch_embed: bool = field(
+        default=False,
+        metadata={"help": "also train the patch embedding, position embedding and CLS token (the blocks before "
+                          "the first trainable one then keep activations for backward)"})
     frozen_dtype: str = field(
         default="float32",
         metadata={"help": "storage dtype of the frozen blocks' Linear weights (float32, bfloat16, float16); they "
@@ -105,7 +109,7 @@ class BSRConfig:
         if not (0.0 < float(self.keep_rate) <= 1.0) or math.isnan(self.keep_rate):
             raise BSRError(f"keep_rate={self.keep_rate} is outside (0, 1]; use e.g. 0.5 (1 disables dropping)")
         self.keep_rate = float(self.keep_rate)
-        for name in ("fuse_token", "drop_in_eval", "score_grad"):
+        for name in ("fuse_token", "drop_in_eval", "score_grad", "train_patch_embed"):
             if not isinstance(getattr(self, name), bool):
                 raise BSRError(f"{name}={getattr(self, name)!r} is not true/false; use true or false")
         for name, choices in (("frozen_dtype", FROZEN_DTYPES), ("recompute", RECOMPUTE)):
@@ -126,7 +130,8 @@ class BSRConfig:
         drop = parse_blocks(self.drop_blocks, depth, "drop_blocks") if self.keep_rate < 1.0 else []
         return ResolvedBSR(depth=depth, trainable_blocks=trainable, drop_blocks=drop, keep_rate=self.keep_rate,
                            fuse_token=self.fuse_token, drop_in_eval=self.drop_in_eval, score_grad=self.score_grad,
-                           frozen_dtype=self.frozen_dtype, recompute=self.recompute)
+                           frozen_dtype=self.frozen_dtype, recompute=self.recompute,
+                           train_patch_embed=self.train_patch_embed)
 
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), (list, tuple)) else v)
@@ -146,6 +151,7 @@ class ResolvedBSR:
     score_grad: bool
     frozen_dtype: str = "float32"
     recompute: str = "none"
+    train_patch_embed: bool = False
 
     @property
     def first_trainable(self) -> int:

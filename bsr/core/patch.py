@@ -221,7 +221,8 @@ def _trainable_modules(model: VisionTransformer, resolved: ResolvedBSR) -> list[
 def reprogram(model: nn.Module, config: Optional[BSRConfig] = None) -> VisionTransformer:
     """Patch a timm `VisionTransformer` in place for BSR and return it.
 
-    Freezes everything except the trainable blocks, the final norm(s) and the head; installs token dropping at the
+    Freezes everything except the trainable blocks, the final norm(s) and the head (and with `train_patch_embed` the
+    patch embedding, position embedding and CLS token); installs token dropping at the
     drop blocks; runs the frozen prefix without autograd. `state_dict` keys are unchanged. With `keep_rate=1` and
     `trainable_blocks="all"` the model keeps the host's exact forward. Undo with `restore(model)`.
     """
@@ -239,6 +240,10 @@ def reprogram(model: nn.Module, config: Optional[BSRConfig] = None) -> VisionTra
     for module in _trainable_modules(model, resolved):
         for p in module.parameters():
             p.requires_grad_(True)
+    if resolved.train_patch_embed:
+        for p in [*model.patch_embed.parameters(), model.cls_token, model.pos_embed]:
+            if p is not None:
+                p.requires_grad_(True)
 
     for i in resolved.drop_blocks:
         blk = model.blocks[i]
@@ -288,6 +293,18 @@ def restore(model: nn.Module) -> nn.Module:
         p.requires_grad_(state.requires_grad.get(name, p.requires_grad))
     delattr(model, _STATE)
     return model
+
+
+def set_keep_rate(model: nn.Module, keep_rate: float) -> None:
+    """Change the keep rate of every drop block of a reprogrammed model (e.g. a keep-rate warm-up), in (0, 1]. The
+    resolved config keeps its target rate; this sets what the next forward uses."""
+    state: Optional[_PatchState] = getattr(model, _STATE, None)
+    if state is None:
+        raise BSRError("model is not reprogrammed by bsr; call bsr.reprogram(model, config) first")
+    if not 0.0 < keep_rate <= 1.0:
+        raise BSRError(f"keep_rate={keep_rate} is outside (0, 1]")
+    for i in state.resolved.drop_blocks:
+        model.blocks[i]._bsr_keep_rate = float(keep_rate)
 
 
 def bsr_state(model: nn.Module) -> Optional[ResolvedBSR]:

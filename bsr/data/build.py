@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from ..errors import BSRError
 from .registry import SPLITS, dataset_info
 from .sources import _load_embedded, _load_mnist, _load_sklearn_digits, _load_torchvision, load_fashion_mnist
-from .transforms import ImageTransform, LabelledSubset, TensorImageDataset, stratified_order
+from .transforms import ImageTransform, LabelledSubset, TensorImageDataset, stratified_order, stratified_split
 
 # Loaders of the in-memory datasets: (split, data_dir, download) -> images (N, H, W) uint8, labels (N,) int64.
 _ARRAY_LOADERS: dict[str, Callable[[str, str | None, bool], tuple[np.ndarray, np.ndarray]]] = {
@@ -40,7 +40,7 @@ def _check_args(split: str, img_size: int, mean: Sequence[float], std: Sequence[
                 rrc_scale: tuple[float, float] | None, limit: int | None) -> None:
     """Reject bad arguments of `build_dataset` with one-line `BSRError`s."""
     if split not in SPLITS:
-        raise BSRError(f"split={split!r} is not a split; use 'train' or 'test'")
+        raise BSRError(f"split={split!r} is not a split; use 'train', 'val' or 'test'")
     if isinstance(img_size, bool) or not isinstance(img_size, numbers.Integral) or img_size < 1:
         raise BSRError(f"img_size={img_size!r} is not a positive integer; use e.g. 224 (or the model's img_size)")
     for label, values in (("mean", mean), ("std", std)):
@@ -57,29 +57,43 @@ def _check_args(split: str, img_size: int, mean: Sequence[float], std: Sequence[
 def build_dataset(name: str, split: str, *, img_size: int, train: bool, data_dir: str | None = None,
                   download: bool = False, mean: Sequence[float] = (0.5, 0.5, 0.5),
                   std: Sequence[float] = (0.5, 0.5, 0.5), rrc_scale: tuple[float, float] | None = None,
-                  hflip: bool = False, limit: int | None = None, seed: int = 0) -> Dataset:
-    """Dataset `name`, split "train" or "test", yielding `(float32 (3, img_size, img_size), int label)`.
+                  hflip: bool = False, limit: int | None = None, seed: int = 0, val_fraction: float = 0.0) -> Dataset:
+    """Dataset `name`, split "train", "val" or "test", yielding `(float32 (3, img_size, img_size), int label)`.
 
     `train=True` applies the training augmentation (`RandomResizedCrop(img_size, scale=rrc_scale)` when `rrc_scale`
     is given, a horizontal flip when `hflip`); `train=False` only resizes to `(img_size, img_size)`. `data_dir`
     defaults to `dataset_info(name).default_data_dir`; `download=True` lets torchvision fetch what is missing
     (paper datasets and Fashion-MNIST). `limit` keeps the first `limit` items (all if fewer) of a class-stratified
-    permutation seeded by `seed` (see `stratified_order`). The result has `targets` and `classes` attributes.
+    permutation seeded by `seed` (see `stratified_order`). "val" holds `val_fraction` of each class of the (limited)
+    source train split, chosen with seed 0 whatever `seed` is, and "train" the rest (all of it when `val_fraction` is
+    0). The result has `targets` and `classes` attributes.
     Any missing or corrupt data or bad argument raises a one-line `BSRError`.
     """
     info = dataset_info(name)
     _check_args(split, img_size, mean, std, rrc_scale, limit)
+    if not 0.0 <= val_fraction < 1.0 or (split == "val" and val_fraction == 0.0):
+        raise BSRError(f"val_fraction={val_fraction} must be in [0, 1) (and above 0 for the 'val' split), e.g. 0.1")
     transform = ImageTransform(int(img_size), train, mean, std, rrc_scale, hflip)
+    source_split = "test" if split == "test" else "train"
     if name in _ARRAY_LOADERS:
-        images, labels = _ARRAY_LOADERS[name](split, data_dir, download)
-        if limit is not None:
-            keep = stratified_order(labels, seed)[:limit]
+        images, labels = _ARRAY_LOADERS[name](source_split, data_dir, download)
+        keep = _selection(labels, split, limit, seed, val_fraction)
+        if keep is not None:
             images, labels = images[keep], labels[keep]
         # One contiguous uint8 tensor (N, 1, H, W): 47 MB for all of Fashion-MNIST's training set.
         images_t = torch.from_numpy(np.ascontiguousarray(images).copy()).unsqueeze(1)
         return TensorImageDataset(images_t, torch.from_numpy(labels.astype(np.int64)), transform, info.classes)
-    dataset = _load_torchvision(info, split, data_dir, transform, download)
-    if limit is not None:
-        keep = stratified_order(np.asarray(dataset.targets), seed)[:limit]
-        return LabelledSubset(dataset, keep.tolist(), dataset.targets)
-    return dataset
+    dataset = _load_torchvision(info, source_split, data_dir, transform, download)
+    keep = _selection(np.asarray(dataset.targets), split, limit, seed, val_fraction)
+    return dataset if keep is None else LabelledSubset(dataset, keep.tolist(), dataset.targets)
+
+
+def _selection(labels: np.ndarray, split: str, limit: int | None, seed: int, val_fraction: float) -> np.ndarray | None:
+    """Indices of `split` within its source split's `labels`: the `limit` first of the seeded stratified order, then
+    (train/val) the seed-0 stratified validation part or the rest. None: every item, in order."""
+    keep = stratified_order(labels, seed)[:limit] if limit is not None else None
+    if split == "test" or val_fraction == 0.0:
+        return keep
+    pool = keep if keep is not None else np.arange(len(labels))
+    train_part, val_part = stratified_split(np.asarray(labels)[pool], val_fraction, seed=0)
+    return pool[val_part if split == "val" else train_part]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import BSRError
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")  # "val": held out of the source's train split (`build_dataset` val_fraction)
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 EMBEDDED_FILE = "digits_embedded.npz"
 TORCHVISION_DATA_DIR = "./data"  # conventional torchvision root; --data-dir overrides it

@@ -64,6 +64,9 @@ def run_state(run_dir: Path, config: dict) -> str:
     else:
         return "new"
     ours, theirs = _comparable(config), _comparable(saved)
+    for key in ("mean", "std"):  # unset: the model's own, which the saved (resolved) config spells out
+        if ours.get(key) is None:
+            ours.pop(key, None), theirs.pop(key, None)
     if ours != theirs:
         key = next(k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k))
         raise BSRError(f"{run_dir} holds a run with {key}={theirs.get(key)!r}, the study now says "

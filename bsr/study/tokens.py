@@ -69,7 +69,7 @@ def _batch(cfg: TrainConfig, size: int, images: Sequence[str], dataset_images: i
         x, names = _load_image_files(images, size, cfg.mean, cfg.std)
         batch.append(x)
     if dataset_images > 0:
-        _, test_set = build_data(replace(cfg, dataset=cfg.task_names[0]), size, train=False)
+        _, _, test_set = build_data(replace(cfg, dataset=cfg.task_names[0]), size, train=False)
         picks = np.linspace(0, len(test_set) - 1, min(dataset_images, len(test_set))).round().astype(int)
         items = [test_set[int(i)] for i in picks]
         batch.append(torch.stack([im for im, _ in items]))

@@ -62,16 +62,22 @@ class SeededItems(Dataset):
         return self.base[index]
 
 
-def build_data(cfg: TrainConfig, img_size: int, train: bool = True) -> tuple[Optional[Dataset], Dataset]:
-    """(train set or None, test set) of `cfg.dataset` at `img_size`."""
+def build_data(cfg: TrainConfig, img_size: int,
+               train: bool = True) -> tuple[Optional[Dataset], Optional[Dataset], Dataset]:
+    """(train set or None, validation set or None, test set) of `cfg.dataset` at `img_size`.
+
+    `limit` subsets are chosen with seed 0, not the run's seed, so that every seed of a study trains and is tested on
+    the same images; the validation split (`val_fraction`) is fixed the same way."""
     common = dict(img_size=img_size, data_dir=cfg.data_dir, download=cfg.download, mean=tuple(cfg.mean),
-                  std=tuple(cfg.std), limit=cfg.limit, seed=cfg.seed)
-    train_set = None
+                  std=tuple(cfg.std), limit=cfg.limit, seed=0, val_fraction=cfg.val_fraction)
+    train_set = val_set = None
     if train:
         scale = tuple(cfg.rrc_scale) if cfg.rrc_scale else None
         train_set = build_dataset(cfg.dataset, "train", train=True, rrc_scale=scale, hflip=cfg.hflip, **common)
+        if cfg.val_fraction > 0:
+            val_set = build_dataset(cfg.dataset, "val", train=False, **common)
     test_set = build_dataset(cfg.dataset, "test", train=False, **common)
-    return train_set, test_set
+    return train_set, val_set, test_set
 
 
 def train_loader(items: SeededItems, cfg: TrainConfig, epoch: int, skip: int, group: Group) -> DataLoader:
@@ -108,6 +114,7 @@ class Task:
     index: Optional[int]
     items: Optional[SeededItems]
     test_set: Dataset
+    val_set: Optional[Dataset] = None
     steps_per_epoch: int = 0
     batches: Any = None
 
@@ -123,8 +130,8 @@ def build_tasks(cfg: TrainConfig, img_size: int, train: bool = True) -> list[Tas
     multi = bool(cfg.tasks)
     tasks = []
     for index, name in enumerate(cfg.task_names):
-        train_set, test_set = build_data(replace(cfg, dataset=name) if multi else cfg, img_size, train=train)
-        task = Task(name, index if multi else None, None, test_set)
+        train_set, val_set, test_set = build_data(replace(cfg, dataset=name) if multi else cfg, img_size, train)
+        task = Task(name, index if multi else None, None, test_set, val_set)
         if train:
             task.items = SeededItems(train_set, cfg.seed)
             task.steps_per_epoch = len(task.items) // cfg.batch_size

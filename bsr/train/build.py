@@ -2,11 +2,14 @@
 the fine-tuning method applied (`bsr.train.methods`), or the multi-task model of SPEC section 5 (`bsr.core.moe`).
 
 Base weights: timm's pretrained ones (`pretrained`), a local file (`checkpoint`: .safetensors, .npz or weights-only
-.pth/.pt), the embedded Fashion-MNIST weights of the embedded model, or none (random init).
+.pth/.pt), converted weights named in `bsr.weights` (`checkpoint: dinov2-s`; `auto` picks them for their
+architecture, e.g. `vit_small_patch14_dinov2`, converting them on first use), the embedded Fashion-MNIST weights of
+the micro model, or none (random init).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,7 +21,7 @@ from ..core import models  # noqa: F401  (registers vit_micro_patch4_28)
 from ..core.moe import MultiTaskViT, moeify
 from ..data import dataset_info
 from ..errors import BSRError
-from .config import EMBEDDED_MODEL, TrainConfig
+from .config import MICRO_MODEL, TrainConfig
 from .methods import apply_method, host
 
 EMBEDDED_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "vit_micro_fashion.safetensors"
@@ -36,6 +39,9 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
         raise BSRError(f"cannot build model {cfg.model!r} with {kwargs or 'its defaults'}: "
                        f"{' '.join(str(e).split())[:200]}") from None
     cfg.bsr.resolve(len(getattr(model, "blocks", ())))  # bad block indices fail before any weights are read
+    for name in ("mean", "std"):  # unset: the model's own normalisation, recorded in the resolved config
+        if getattr(cfg, name) is None:
+            setattr(cfg, name, [float(v) for v in model.pretrained_cfg.get(name, (0.5, 0.5, 0.5))])
     weights = base_weights_path(cfg)
     if weights is not None:
         load_base_weights(model, weights)
@@ -43,20 +49,33 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 
 def base_weights_path(cfg: TrainConfig) -> Optional[Path]:
-    """The local weights file `cfg.checkpoint` points at ("auto": embedded weights for the embedded model)."""
+    """The local weights file `cfg.checkpoint` points at: "auto" gives the embedded weights of the micro model and
+    the converted weights of an architecture `bsr.weights` knows (unless `pretrained`), a name of `bsr.weights.NAMES`
+    those weights (converted on first use)."""
+    from .. import weights
+
     if cfg.checkpoint == "none":
         return None
     if cfg.checkpoint == "auto":
-        if cfg.model == EMBEDDED_MODEL and not cfg.pretrained:
+        if cfg.pretrained:
+            return None
+        if cfg.model == MICRO_MODEL:
             if not EMBEDDED_WEIGHTS.is_file():
                 raise BSRError(f"embedded weights {EMBEDDED_WEIGHTS} are missing; rebuild them "
                                f"(bsr/assets/README.md) or pass --checkpoint none")
             return EMBEDDED_WEIGHTS
-        return None
+        converted = weights.for_model(cfg.model)
+        return weights.fetch(converted.name, log=_log) if converted is not None else None
+    if cfg.checkpoint in weights.NAMES:
+        return weights.fetch(cfg.checkpoint, log=_log)
     path = Path(cfg.checkpoint).expanduser()
     if not path.is_file():
         raise BSRError(f"checkpoint={cfg.checkpoint!r}: no such file")
     return path
+
+
+def _log(message: str) -> None:
+    print(f"bsr: {message}", file=sys.stderr, flush=True)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -77,6 +96,22 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     raise BSRError(f"weights {path} have an unknown format; use .safetensors, .npz, .pth or .pt")
 
 
+def _resample_as_trained(state: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    """Resample the position table of converted weights the way their source model did (`pos_embed_resample` in the
+    file's metadata), before timm's own resampling (which antialiases) would see a size mismatch."""
+    from safetensors import safe_open
+
+    from ..weights.dinov2_onnx import resample_pos_embed
+
+    if path.suffix != ".safetensors" or "pos_embed" not in state or not hasattr(model, "pos_embed"):
+        return
+    with safe_open(str(path), framework="pt") as f:
+        how = (f.metadata() or {}).get("pos_embed_resample")
+    if how == "bicubic-no-antialias" and state["pos_embed"].shape != model.pos_embed.shape:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], model.patch_embed.grid_size,
+                                                model.num_prefix_tokens)
+
+
 def load_base_weights(model: nn.Module, path: Path) -> None:
     """Load `path` into `model`: timm adapts pos_embed/patch size, a head of another size is left at init."""
     if path.suffix == ".npz":
@@ -88,6 +123,7 @@ def load_base_weights(model: nn.Module, path: Path) -> None:
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     state = read_weights(path)
+    _resample_as_trained(state, model, path)
     try:
         state = checkpoint_filter_fn(state, model)
     except Exception as e:

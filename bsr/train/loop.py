@@ -24,6 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..core.moe import set_moe_task
+from ..core.patch import bsr_state, set_keep_rate
 from ..errors import BSRError
 from . import distributed
 from .batches import build_tasks, test_loader
@@ -34,7 +35,7 @@ from .distributed import Group
 from .evaluate import evaluate
 from .meter import StepMeter
 from .methods import count_params, tokens_per_block
-from .optim import autocast, build_optimizer, lr_at
+from .optim import autocast, build_optimizer, keep_rate_at, lr_at
 from .runs import Progress, Run, RunFiles, build_report, default_out, restore_state
 
 
@@ -65,6 +66,8 @@ def train_in_group(cfg: TrainConfig, dp: Group, resume: Optional[str | Path] = N
                    schedule=cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+        if run.keep_warmup:  # EViT's keep-rate warm-up, also a pure function of the step
+            set_keep_rate(backbone(run.model), keep_rate_at(state.step, cfg.bsr.keep_rate, run.keep_warmup))
         for i, task in enumerate(run.tasks):
             images, labels = next(task.batches)
             t0 = time.perf_counter()
@@ -125,6 +128,7 @@ def _setup(cfg: TrainConfig, dp: Group, resume: Optional[str | Path]) -> Run:
     model = setup_model(cfg, dp.device)
     tasks = build_tasks(cfg, image_size(model))
     tests = [test_loader(t.test_set, cfg, dp.device, dp) for t in tasks]
+    vals = [test_loader(t.val_set, cfg, dp.device, dp) for t in tasks if t.val_set is not None]
     files.prepare(cfg)
     steps_per_epoch = max(task.steps_per_epoch for task in tasks)
     optimizer = build_optimizer(cfg, model)
@@ -150,7 +154,8 @@ def _setup(cfg: TrainConfig, dp: Group, resume: Optional[str | Path]) -> Run:
                tasks, tests, steps_per_epoch, total_steps=cfg.steps or cfg.epochs * steps_per_epoch,
                warmup=cfg.warmup_steps + round(cfg.warmup_epochs * steps_per_epoch),
                eval_every=cfg.eval_every or steps_per_epoch, progress=state, params=params, tokens=tokens,
-               checkpoint=files.out / CHECKPOINT_NAME if saved is not None else None)
+               checkpoint=files.out / CHECKPOINT_NAME if saved is not None else None, vals=vals,
+               keep_warmup=round(cfg.keep_warmup_epochs * steps_per_epoch) if bsr_state(backbone(model)) else 0)
 
 
 def _collect(run: Run, meter: StepMeter, bar: tqdm) -> None:
@@ -180,7 +185,7 @@ def _log(run: Run, meter: StepMeter, bar: tqdm, lr: float, step_times: list[floa
 
 
 def _evaluate_and_checkpoint(run: Run, bar: tqdm, log_window: list) -> None:
-    """Test top-1 of every task, the history, a metrics line, and (rank 0) the checkpoint of this step."""
+    """Test (and validation) top-1 of every task, the history, a metrics line, and (rank 0) the checkpoint."""
     cfg, state = run.cfg, run.progress
     accs = {task.name: evaluate(run.model, loader, run.dp.device, cfg, run.dp, task.index)
             for task, loader in zip(run.tasks, run.tests)}
@@ -193,13 +198,23 @@ def _evaluate_and_checkpoint(run: Run, bar: tqdm, log_window: list) -> None:
         state.history["tasks"][name] = {"final": value, "best": max(seen["best"], value)}
     record = {"step": state.step, "epoch": (state.step - 1) // run.steps_per_epoch, "test_acc": test_acc,
               "best_acc": state.best}
+    val_text = ""
+    if run.vals:
+        val_acc = statistics.fmean(evaluate(run.model, loader, run.dp.device, cfg, run.dp, task.index)
+                                   for task, loader in zip(run.tasks, run.vals))
+        val = state.history.setdefault("val", {"best": -1.0})
+        if val_acc > val["best"]:  # the model selection a study reports: test top-1 at the best validation point
+            val.update(best=val_acc, best_step=state.step, test_at_best=test_acc)
+        val["final"] = val_acc
+        record["val_acc"] = val_acc
+        val_text = f", val {val_acc:.2f}%"
     if cfg.tasks:
         record["tasks"] = {name: {"test_acc": value} for name, value in accs.items()}
     run.files.log(record)
     if run.dp.is_main:  # the other ranks hold the same parameters and optimizer state
         per_task = f" [{', '.join(f'{n} {a:.2f}%' for n, a in accs.items())}]" if cfg.tasks else ""
         bar.write(f"step {state.step}/{run.total_steps}: test top-1 {test_acc:.2f}% (best {state.best:.2f}%)"
-                  f"{per_task}")
+                  f"{val_text}{per_task}")
         save_checkpoint(run.files.out, run.model, run.optimizer, run.checkpoint_meta(run.scaler.state_dict(),
                                                                                      log_window))
     run.checkpoint = run.files.out / CHECKPOINT_NAME

@@ -27,6 +27,14 @@ def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int, min_lr: 
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def keep_rate_at(step: int, keep_rate: float, warmup_steps: int) -> float:
+    """Keep rate of step `step` under EViT's warm-up (Liang et al., ICLR 2022): cosine from 1 down to `keep_rate` over
+    `warmup_steps` steps, then `keep_rate`."""
+    if step >= warmup_steps:
+        return keep_rate
+    return keep_rate + (1.0 - keep_rate) * 0.5 * (1.0 + math.cos(math.pi * step / warmup_steps))
+
+
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """SGD or AdamW over the trainable parameters; no decay on 1-D params/pos_embed/cls_token; layer-wise lr scales."""
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay

@@ -1,4 +1,5 @@
-"""The two training recipes of the BSR paper (Sarkar et al., arXiv 2405.10951, SPEC section 3), by name.
+"""Named training recipes: the two of the BSR paper (Sarkar et al., arXiv 2405.10951, SPEC section 3) and the
+quick micro-model demo.
 
 A recipe is a set of `TrainConfig` values layered over the defaults and under `--config` and command-line flags, so
 each of its options can still be overridden.
@@ -15,6 +16,9 @@ VIT_SGD_LR = {"cifar10": 1e-3, "cifar100": 1e-2, "pets": 1e-3, "flowers102": 3e-
 VIT_SGD_STEPS = {"food101": 30_000}
 
 _RECIPES: dict[str, dict] = {
+    # The quick demo (about 2 minutes on 2 CPU cores): the 1.35 M-parameter ViT this project pretrained on
+    # Fashion-MNIST, with the recipe measured for it (STUDY.md, second section).
+    "micro": dict(model="vit_micro_patch4_28", img_size=None, lr=4e-3, min_lr=1e-5, epochs=10),
     "vit-sgd": dict(
         optimizer="sgd", lr=1e-3, momentum=0.9, weight_decay=0.0, layer_decay=None,
         batch_size=128, steps=20_000, warmup_steps=500, warmup_epochs=0.0, schedule="cosine", min_lr=0.0,

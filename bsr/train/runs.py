@@ -142,6 +142,8 @@ class Run:
     params: ParamCount
     tokens: list[tuple[int, int]]
     checkpoint: Optional[Path] = None  # the last good checkpoint, once there is one
+    vals: list[DataLoader] = field(default_factory=list)  # validation loaders (`val_fraction` > 0), one per task
+    keep_warmup: int = 0  # steps of the keep-rate warm-up (0: constant keep rate)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
         """Cross-entropy of logits (B, C) against labels (B,), plus the MoE load-balancing loss if asked."""
@@ -196,6 +198,9 @@ def build_report(run: Run, step_times: list[float]) -> dict:
         "data_parallel": data_parallel_record(run.dp, run.model),
         "config": cfg.to_dict(), **environment(device),
     }
+    if "val" in p.history:
+        report["accuracy"]["val"] = p.history["val"]
+        report["dataset"]["val_images"] = sum(len(t.val_set) for t in tasks if t.val_set is not None)
     if cfg.tasks:
         report["accuracy"]["tasks"] = p.history["tasks"]
         report["dataset"]["tasks"] = [{"name": t.name, "train_images": len(t.items), "test_images": len(t.test_set)}
@@ -222,6 +227,10 @@ def summary_lines(report: dict) -> list[str]:
     ]
     lines[2:2] = [f"    {name:<16} final {t['final']:.2f}%  best {t['best']:.2f}%"  # under the mean's line
                   for name, t in acc.get("tasks", {}).items()]
+    if "val" in acc:
+        v = acc["val"]
+        lines.insert(2, f"  val top-1      final {v['final']:.2f}%  best {v['best']:.2f}% (step {v['best_step']}, "
+                        f"test there {v['test_at_best']:.2f}%)")
     dp = report["data_parallel"]
     if dp["world_size"] > 1:
         lines.insert(-1, f"  data parallel  {dp['world_size']} processes ({dp['backend']}), "

