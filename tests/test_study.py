@@ -184,3 +184,25 @@ def test_multitask_study_label_trains_the_tasks_together(tmp_path):
     assert rows["full"]["trainable_params"] > rows["dense-full"]["trainable_params"]  # the experts
     assert rows["full"]["train_peak_bytes"] > 0 and rows["full"]["train_flops_per_step"] > 0
     assert "| point | digits-embedded | sklearn-digits | mean |" in (tmp_path / "out" / "study.md").read_text()
+
+
+def test_lr_sweep_chooses_on_validation_and_reuses_the_sweep_run(tmp_path):
+    """sweep: each lr once at the sweep seed; the other seeds train with the lr of the best validation top-1, and the
+    sweep seed's run is the chosen sweep run itself (not trained again)."""
+    spec = {**TINY, "base": {**TINY["base"], "val_fraction": 0.25}, "seeds": [0, 1],
+            "sweep": {"lr": [1e-5, 1e-2], "seed": 0}, "runs": [{"name": "bsr", "method": "bsr"}]}
+    study = parse_study(spec)
+    assert [r.run_id for r in study.sweep_runs()] == ["bsr@lr1e-05-digits-embedded-s0", "bsr@lr0.01-digits-embedded-s0"]
+    data = run_study(study, tmp_path / "out", isolate=False, tokens=False, log=lambda _: None)
+    runs = sorted(p.name for p in (tmp_path / "out" / "runs").iterdir())
+    assert runs == ["bsr-digits-embedded-s1", "bsr@lr0.01-digits-embedded-s0", "bsr@lr1e-05-digits-embedded-s0"]
+    sweep = {r["lr"]: r for r in data["sweep"]}
+    chosen = max(sweep, key=lambda lr: sweep[lr]["val_best"])
+    assert sweep[chosen]["chosen"] and sum(r["chosen"] for r in sweep.values()) == 1
+    seed1 = yaml.safe_load((tmp_path / "out" / "runs" / "bsr-digits-embedded-s1" / "config.yaml").read_text())
+    assert seed1["lr"] == chosen
+    (row,) = data["aggregates"]
+    assert row["lr"] == chosen and row["seeds"] == [0, 1] and row["test_at_val_mean"] is not None
+    assert "Learning rates, chosen on validation" in (tmp_path / "out" / "study.md").read_text()
+    with pytest.raises(BSRError, match="no validation split"):
+        parse_study({**spec, "base": TINY["base"]})

@@ -14,8 +14,14 @@ A study file holds:
       - {name: bsr-keep0.3, method: bsr, bsr: {keep_rate: 0.3}, datasets: [digits-embedded]}
       - {name: bsr, method: bsr, priority: 1}   # priority: all its seeds run before other entries
     measure: {steps: 1, warmup: 1}     # memory/FLOP measurement settings (optional)
+    sweep: {lr: [1.0e-4, 3.0e-4], seed: 0}   # learning rate chosen on validation, per entry and dataset (optional;
+                                       # needs base.val_fraction > 0; an entry may say sweep: false or its own lr list)
     quick: {base: {epochs: 1}, seeds: [0], runs: [full, bsr], datasets: [...]}   # what --quick changes
     x-anything: ...                    # ignored: a place for YAML anchors (&name) the entries merge (<<: *name)
+
+With `sweep`, every entry that does not opt out first runs once per learning rate (`<point>@lr<value>`, seed
+`sweep.seed`), and its seeds then train with the lr of the best validation top-1 (`bsr.study.runner.choose_lrs`);
+the run of the sweep seed at that lr is reused, not trained again. Test top-1 never takes part in the choice.
 
 Options layer as defaults < recipe < base < per_dataset < run entry (the same layering as `bsr train`, with the
 study's layers in the place of `--config`). Runs go to `OUT/runs/<point>-<dataset>-s<seed>/`; a run with a
@@ -34,7 +40,7 @@ from typing import Any, Optional
 from ..errors import BSRError
 from ..train import load_yaml, merge_options, resolve_config
 
-STUDY_KEYS = ("name", "base", "datasets", "seeds", "per_dataset", "runs", "measure", "quick")
+STUDY_KEYS = ("name", "base", "datasets", "seeds", "per_dataset", "runs", "measure", "quick", "sweep")
 QUICK_KEYS = ("base", "datasets", "seeds", "runs", "per_dataset")
 MEASURE_DEFAULTS = {"warmup": 1, "steps": 1, "mmap_threshold": 1 << 20}
 
@@ -48,10 +54,17 @@ class RunSpec:
     seed: int
     config: dict
     priority: int = 0  # higher runs earlier (all its seeds before any other entry's)
+    sweep: Optional[list[float]] = None  # learning rates tried first (lr is then the one chosen on validation)
+    alias: Optional[str] = None  # run directory name when it is another run's (the chosen sweep run)
+    waiting: bool = False  # its lr sweep has not finished: not run yet
 
     @property
     def run_id(self) -> str:
         return f"{self.point}-{self.dataset}-s{self.seed}"
+
+    @property
+    def dir_name(self) -> str:
+        return self.alias or self.run_id
 
 
 @dataclass
@@ -63,6 +76,17 @@ class Study:
     measure: dict = field(default_factory=lambda: dict(MEASURE_DEFAULTS))
     points: list[str] = field(default_factory=list)  # point names in file order
     datasets: list[str] = field(default_factory=list)
+    sweep_seed: int = 0
+
+    def sweep_runs(self) -> list["RunSpec"]:
+        """The runs of the lr sweep: one per (swept point, dataset, lr), at the sweep seed."""
+        out, seen = [], set()
+        for run in self.runs:
+            if run.sweep and (run.point, run.dataset) not in seen:
+                seen.add((run.point, run.dataset))
+                out += [RunSpec(f"{run.point}@lr{lr:g}", run.dataset, self.sweep_seed,
+                                {**run.config, "lr": lr, "seed": self.sweep_seed}, run.priority) for lr in run.sweep]
+        return out
 
     def configs(self) -> dict[tuple[str, str], dict]:
         """One config per (point, dataset), the seed-0-most run's: what memory and FLOPs are measured on."""
@@ -99,6 +123,7 @@ class _Grid:
     seeds: list[int]
     quick: bool
     keep_points: Optional[list[str]] = None  # quick.runs
+    sweep: Optional[dict] = None  # {lr: [...], seed: N}
 
 
 def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> Study:
@@ -131,7 +156,8 @@ def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> St
         raise BSRError(f"{source}: unknown key measure.{bad[0]}; use {', '.join(MEASURE_DEFAULTS)}")
     name = data.get("name", Path(source).stem)
     used = [d for d in grid.datasets if any(r.dataset == d for r in runs)]
-    return Study(name=str(name), runs=runs, measure=measure, points=points, datasets=used)
+    return Study(name=str(name), runs=runs, measure=measure, points=points, datasets=used,
+                 sweep_seed=grid.sweep.get("seed", 0) if grid.sweep else 0)
 
 
 def _grid(data: dict, quick: bool, source: str) -> _Grid:
@@ -157,7 +183,22 @@ def _grid(data: dict, quick: bool, source: str) -> _Grid:
             grid.keep_points = _names(quick_part["runs"], f"{source}: quick.runs")
     for name in grid.per_dataset:
         _mapping(grid.per_dataset[name], f"{source}: per_dataset.{name}")
+    if "sweep" in data:
+        grid.sweep = _mapping(data["sweep"], f"{source}: sweep")
+        bad = [k for k in grid.sweep if k not in ("lr", "seed")]
+        if bad:
+            raise BSRError(f"{source}: unknown key sweep.{bad[0]}; sweep may set lr (a list) and seed")
+        _lrs(grid.sweep.get("lr"), f"{source}: sweep.lr")
+        if not isinstance(grid.sweep.get("seed", 0), int):
+            raise BSRError(f"{source}: sweep.seed must be an integer")
     return grid
+
+
+def _lrs(value: Any, where: str) -> list[float]:
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value):
+        raise BSRError(f"{where} must be a non-empty list of positive learning rates, e.g. [1.0e-4, 3.0e-4]")
+    return [float(v) for v in value]
 
 
 def _entry_runs(grid: _Grid, i: int, entry: Any, points: list[str]) -> list[RunSpec]:
@@ -173,6 +214,13 @@ def _entry_runs(grid: _Grid, i: int, entry: Any, points: list[str]) -> list[RunS
     datasets = _names(entry.pop("datasets"), f"{source}: runs.{name}.datasets") if "datasets" in entry \
         else grid.datasets
     seeds = _names(entry.pop("seeds"), f"{source}: runs.{name}.seeds", int) if "seeds" in entry else grid.seeds
+    sweep = entry.pop("sweep", True)
+    if sweep is True:
+        sweep = _lrs(grid.sweep["lr"], f"{source}: sweep.lr") if grid.sweep else None
+    elif sweep is False:
+        sweep = None
+    else:
+        sweep = _lrs(sweep, f"{source}: runs.{name}.sweep")
     priority = entry.pop("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise BSRError(f"{source}: runs.{name}.priority={priority!r} must be an integer (higher runs earlier)")
@@ -192,7 +240,10 @@ def _entry_runs(grid: _Grid, i: int, entry: Any, points: list[str]) -> list[RunS
                 cfg = resolve_config(values)
             except BSRError as e:
                 raise BSRError(f"{source}: run {name} on {dataset}: {e}") from None
-            runs.append(RunSpec(name, dataset, seed, cfg.to_dict(), priority))
+            if sweep and cfg.val_fraction == 0:
+                raise BSRError(f"{source}: run {name} sweeps the lr but has no validation split; set val_fraction "
+                               f"(e.g. 0.1) in base")
+            runs.append(RunSpec(name, dataset, seed, cfg.to_dict(), priority, sweep))
     return runs
 
 

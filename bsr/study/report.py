@@ -28,8 +28,9 @@ def _mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def collect(study: Study, out: Path) -> dict:
-    """Every run's record plus one aggregate per (point, dataset): mean/std over seeds, measured memory/FLOPs."""
+def collect(study: Study, out: Path, lrs: Optional[dict] = None) -> dict:
+    """Every run's record plus one aggregate per (point, dataset): mean/std over seeds, measured memory/FLOPs; with
+    an lr sweep (`lrs`, from `bsr.study.runner.choose_lrs`) its validation top-1 per lr and the choice."""
     runs = [run_record(run, out) for run in study.runs]
     configs = study.configs()
     aggregates = [aggregate(point, dataset, configs[(point, dataset)], runs, out)
@@ -48,12 +49,14 @@ def collect(study: Study, out: Path) -> dict:
     meta = {"name": study.name, "measure": study.measure, "datasets": study.datasets, "points": study.points,
             **environment(cpu)}
     meta["machine"]["cpu"] = machine(cpu)["cpu"]
-    return {"meta": meta, "runs": runs, "aggregates": aggregates}
+    sweep = [{"point": point, "dataset": dataset, "lr": lr, "val_best": val, "chosen": lr == c["lr"]}
+             for (point, dataset), c in (lrs or {}).items() for lr, val in c["vals"].items()]
+    return {"meta": meta, "runs": runs, "aggregates": aggregates, "sweep": sweep}
 
 
 def run_record(run: RunSpec, out: Path) -> dict:
     """One run's record: what it is, and (once its report.json exists) its accuracy, size, speed and test curve."""
-    path = out / "runs" / run.run_id / "report.json"
+    path = out / "runs" / run.dir_name / "report.json"
     record = {"id": run.run_id, "point": run.point, "dataset": run.dataset, "seed": run.seed,
               "method": run.config["method"], "finished": path.is_file()}
     if path.is_file():
@@ -65,6 +68,8 @@ def run_record(run: RunSpec, out: Path) -> dict:
                        "median_step_time_s": report["median_step_time_s"],
                        "peak_memory_mib_run": report["peak_memory_mib"],
                        "tasks": report["accuracy"].get("tasks"),
+                       "val_best": report["accuracy"].get("val", {}).get("best"),
+                       "test_at_val_best": report["accuracy"].get("val", {}).get("test_at_best"),
                        "test_curve": test_curve(path.parent / "metrics.jsonl")})
     return record
 
@@ -76,6 +81,8 @@ def aggregate(point: str, dataset: str, config: dict, runs: list[dict], out: Pat
     measured = json.loads(mpath.read_text()) if mpath.is_file() else {}
     best, best_std = _mean_std([r["best"] for r in mine])
     final, final_std = _mean_std([r["final"] for r in mine])
+    val, val_std = _mean_std([r["val_best"] for r in mine if r.get("val_best") is not None])
+    at_val, at_val_std = _mean_std([r["test_at_val_best"] for r in mine if r.get("test_at_val_best") is not None])
     times = [r["median_step_time_s"] for r in mine if r["median_step_time_s"] is not None]
     gains = [c[-1][1] - c[-2][1] for r in mine if len(c := r["test_curve"]) >= 2]
     return {
@@ -86,6 +93,7 @@ def aggregate(point: str, dataset: str, config: dict, runs: list[dict], out: Pat
         "seeds_planned": sum(1 for r in runs if r["point"] == point and r["dataset"] == dataset),
         "trainable_params": mine[0]["trainable_params"] if mine else measured.get("trainable_params"),
         "best_mean": best, "best_std": best_std, "final_mean": final, "final_std": final_std,
+        "val_best_mean": val, "val_best_std": val_std, "test_at_val_mean": at_val, "test_at_val_std": at_val_std,
         "last_eval_gain": statistics.fmean(gains) if gains else None,  # plateau check: last - previous
         "step_time_s": statistics.fmean(times) if times else None,
         "train_peak_bytes": measured.get("train_peak_bytes"),
@@ -147,9 +155,10 @@ def study_markdown(data: dict) -> str:
     for dataset in data["meta"]["datasets"]:
         rows = [a for a in data["aggregates"] if a["dataset"] == dataset]
         lines += [f"## {dataset}", "",
-                  "| point | method | trainable params | top-1 best (mean ± std) | top-1 final (mean ± std) | seeds "
-                  "| last-eval gain | train peak MiB | memory ratio vs full | step ms | GFLOPs/step |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| point | method | lr | trainable params | test top-1 at best val (mean ± std) | val top-1 best | "
+                  "test top-1 best | test top-1 final | seeds | last-eval gain | train peak MiB | memory ratio vs full "
+                  "| step ms | GFLOPs/step |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for a in rows:
             peak = f"{a['train_peak_bytes'] / MIB:,.1f}" if a["train_peak_bytes"] else "—"
             ratio = f"{a['memory_ratio_vs_full']:.2f}x" if a["memory_ratio_vs_full"] else "—"
@@ -157,9 +166,11 @@ def study_markdown(data: dict) -> str:
             flops = f"{a['train_flops_per_step'] / 1e9:,.2f}" if a["train_flops_per_step"] else "—"
             params = f"{a['trainable_params']:,}" if a["trainable_params"] else "—"
             gain = f"{a['last_eval_gain']:+.2f}" if a.get("last_eval_gain") is not None else "—"
-            lines.append(f"| {a['point']} | {a['method']} | {params} | {_pm(a['best_mean'], a['best_std'])} | "
-                         f"{_pm(a['final_mean'], a['final_std'])} | {len(a['seeds'])}/{a['seeds_planned']} | "
-                         f"{gain} | {peak} | {ratio} | {ms} | {flops} |")
+            lines.append(f"| {a['point']} | {a['method']} | {a['lr']:g} | {params} | "
+                         f"{_pm(a.get('test_at_val_mean'), a.get('test_at_val_std'))} | "
+                         f"{_pm(a.get('val_best_mean'), a.get('val_best_std'))} | "
+                         f"{_pm(a['best_mean'], a['best_std'])} | {_pm(a['final_mean'], a['final_std'])} | "
+                         f"{len(a['seeds'])}/{a['seeds_planned']} | {gain} | {peak} | {ratio} | {ms} | {flops} |")
         lines.append("")
         tasks = next((a["tasks"] for a in rows if a.get("tasks")), None)
         if tasks:
@@ -169,7 +180,22 @@ def study_markdown(data: dict) -> str:
                 cells = [_pm(t["final_mean"], t["final_std"]) for t in a["tasks"].values()]
                 lines.append(f"| {a['point']} | " + " | ".join(cells) + f" | {_pm(a['final_mean'], a['final_std'])} |")
             lines.append("")
+    if data.get("sweep"):
+        lines += ["## Learning rates, chosen on validation", "",
+                  "Validation top-1 (best over training, seed of the sweep) of every lr tried; **bold**: chosen.", "",
+                  "| point | dataset | " + " | ".join(f"lr {lr:g}" for lr in _sweep_lrs(data)) + " |",
+                  "|---|---|" + "---:|" * len(_sweep_lrs(data))]
+        for point, dataset in dict.fromkeys((r["point"], r["dataset"]) for r in data["sweep"]):
+            cells = {r["lr"]: ("—" if r["val_best"] is None else
+                               (f"**{r['val_best']:.2f}**" if r["chosen"] else f"{r['val_best']:.2f}"))
+                     for r in data["sweep"] if (r["point"], r["dataset"]) == (point, dataset)}
+            lines.append(f"| {point} | {dataset} | " + " | ".join(cells.get(lr, "") for lr in _sweep_lrs(data)) + " |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def _sweep_lrs(data: dict) -> list[float]:
+    return sorted({r["lr"] for r in data["sweep"]})
 
 
 def plot_accuracy_vs_memory(data: dict, path: str | Path) -> None:

@@ -29,7 +29,7 @@ from ..files import atomic_write_bytes
 from ..measure.protocol import measure_config
 from ..train import config_of_run, make_config, train
 from ..train.checkpoint import CHECKPOINT_NAME
-from .grid import Study
+from .grid import RunSpec, Study
 from .report import MIB, collect, write_outputs
 from .tokens import show_tokens
 
@@ -178,18 +178,21 @@ def _done_line(i: int, total: int, job: Job, result: dict, seconds: float) -> st
 # ------------------------------------------------------------------------------------------------- the whole study
 
 
-def plan(study: Study, out: Path) -> list[Job]:
+def plan(study: Study, out: Path, runs: Optional[list[RunSpec]] = None) -> list[Job]:
     """The jobs still to do, in the order they should run: measurements missing or stale, then unfinished runs by
-    priority and seed (killed runs resume from their checkpoint)."""
+    priority and seed (killed runs resume from their checkpoint). `runs`: only these training runs, no measurements
+    (the lr sweep); by default the study's runs whose lr is known."""
     work: list[Job] = []
-    for (point, dataset), config in study.configs().items():
-        path = out / "measure" / f"{point}-{dataset}.json"
-        if not _measured(path, config, study.measure):
-            work.append(Job("measure", f"{point}-{dataset}", {"config": config, "measure": study.measure,
-                                                              "path": str(path)}, path.with_suffix(".log")))
-    seeds = sorted({run.seed for run in study.runs})
-    for run in sorted(study.runs, key=lambda r: (-r.priority, seeds.index(r.seed))):
-        run_dir = out / "runs" / run.run_id
+    if runs is None:
+        for (point, dataset), config in study.configs().items():
+            path = out / "measure" / f"{point}-{dataset}.json"
+            if not _measured(path, config, study.measure):
+                work.append(Job("measure", f"{point}-{dataset}", {"config": config, "measure": study.measure,
+                                                                  "path": str(path)}, path.with_suffix(".log")))
+        runs = [r for r in study.runs if not r.waiting]
+    seeds = sorted({run.seed for run in runs})
+    for run in sorted(runs, key=lambda r: (-r.priority, seeds.index(r.seed))):
+        run_dir = out / "runs" / run.dir_name
         state = run_state(run_dir, run.config)
         if state == "done":
             continue
@@ -198,6 +201,40 @@ def plan(study: Study, out: Path) -> list[Job]:
         work.append(Job("train", run.run_id, {"config": run.config, "run_dir": str(run_dir),
                                               "resume": state == "resume"}, run_dir / "train.log"))
     return work
+
+
+def choose_lrs(study: Study, out: Path) -> dict[tuple[str, str], dict]:
+    """For every swept (point, dataset): the validation top-1 (best over training) of each lr of the sweep and the
+    chosen lr, the best one (ties: the first listed); the study's runs of that point then use it, and the run of the
+    sweep seed is the sweep's own run. A point whose sweep has not finished gets lr None (its runs wait)."""
+    sweeps = study.sweep_runs()
+    chosen: dict[tuple[str, str], dict] = {}
+    for run in study.runs:
+        if not run.sweep:
+            continue
+        key = (run.point, run.dataset)
+        if key not in chosen:
+            variants = [v for v in sweeps if v.point.split("@")[0] == run.point and v.dataset == run.dataset]
+            vals = {v.config["lr"]: _val_best(out / "runs" / v.run_id) for v in variants}
+            done = all(v is not None for v in vals.values())
+            lr = max(vals, key=lambda k: (vals[k], -list(vals).index(k))) if done else None
+            chosen[key] = {"vals": vals, "lr": lr,
+                           "run": next((v.run_id for v in variants if v.config["lr"] == lr), None)}
+        run.waiting = chosen[key]["lr"] is None
+        if not run.waiting:
+            run.config = {**run.config, "lr": chosen[key]["lr"]}
+            run.alias = chosen[key]["run"] if run.seed == study.sweep_seed else None
+    return chosen
+
+
+def _val_best(run_dir: Path) -> Optional[float]:
+    path = run_dir / "report.json"
+    if not path.is_file():
+        return None
+    val = json.loads(path.read_text())["accuracy"].get("val")
+    if val is None:
+        raise BSRError(f"{path} has no validation top-1; the sweep needs val_fraction > 0")
+    return float(val["best"])
 
 
 def run_study(study: Study, out: str | Path, *, jobs: int = 1, isolate: bool = True, tokens: bool = True,
@@ -213,6 +250,20 @@ def run_study(study: Study, out: str | Path, *, jobs: int = 1, isolate: bool = T
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
+    sweep = study.sweep_runs()
+    if sweep and execute_jobs:  # the lr sweep first: the other runs need its choice
+        sweep_work = plan(study, out, sweep)
+        log(f"study {study.name}: lr sweep, {len(sweep)} runs ({len(sweep) - len(sweep_work)} already finished)")
+        results = run_jobs(sweep_work, jobs, log, isolate)
+        failed = [j.key for j in sweep_work if not results[j.key]["ok"]]
+        if failed:
+            raise BSRError(f"{len(failed)} sweep runs failed (first: {failed[0]}: {results[failed[0]]['error']}); "
+                           f"see their logs under {out}, then run the study again")
+    lrs = choose_lrs(study, out)
+    for (point, dataset), c in lrs.items():
+        vals = ", ".join(f"{lr:g}: {'—' if v is None else f'{v:.2f}%'}" for lr, v in c["vals"].items())
+        log(f"lr of {point} on {dataset}: {c['lr'] if c['lr'] is not None else 'not chosen yet'} "
+            f"(validation top-1 {vals})")
     work = plan(study, out)
     skipped = len(study.runs) - sum(1 for j in work if j.kind == "train")
     log(f"study {study.name}: {len(study.runs)} runs ({skipped} already finished), "
@@ -222,7 +273,7 @@ def run_study(study: Study, out: str | Path, *, jobs: int = 1, isolate: bool = T
         work = []
     results = run_jobs(work, jobs, log, isolate)
 
-    data = collect(study, out)
+    data = collect(study, out, lrs)
     data["meta"]["wall_seconds_this_invocation"] = time.time() - t_start
     write_outputs(data, out)
     if tokens:
