@@ -18,9 +18,10 @@ from . import eval as _eval
 from . import export as _export
 from . import study as _study
 from . import train as _train
+from . import weights as _weights
 
 EXIT_USER_ERROR = 2
-COMMANDS = (_train, _eval, _export, _bench, _study)  # in help order; each has add(subparsers)
+COMMANDS = (_train, _eval, _export, _bench, _study, _weights)  # in help order; each has add(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
