@@ -9,10 +9,11 @@ checked against PyTorch with onnxruntime (`verify_onnx`, `onnx_token_counts`). D
 
 from .artifact import (DELTA_FORMAT, FORMAT, apply_delta, inference_state, load_model, read_metadata, save_delta,
                        save_model, state_sha256)
-from .onnx_export import expected_token_counts, export_onnx, onnx_token_counts, verify_onnx
+from .onnx_export import (expected_token_counts, export_onnx, onnx_session, onnx_token_counts, read_onnx_metadata,
+                          verify_onnx)
 
 load = load_model
 
 __all__ = ["DELTA_FORMAT", "FORMAT", "apply_delta", "expected_token_counts", "export_onnx", "inference_state",
-           "load", "load_model", "onnx_token_counts", "read_metadata", "save_delta", "save_model", "state_sha256",
-           "verify_onnx"]
+           "load", "load_model", "onnx_session", "onnx_token_counts", "read_metadata", "read_onnx_metadata",
+           "save_delta", "save_model", "state_sha256", "verify_onnx"]

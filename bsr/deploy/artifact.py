@@ -244,6 +244,7 @@ def _check_rebuilds(vit: nn.Module, state: Mapping[str, Tensor], doc: dict) -> N
 
 def _build(doc: dict, state: dict[str, Tensor], path: Path, device: str | torch.device) -> nn.Module:
     """Rebuild the model from metadata, load `state` strictly, re-apply the BSR patch, eval mode."""
+    state = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in state.items()}
     model = _create(doc)
     problem = _mismatch({k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in state.items()})
     if problem:
@@ -282,22 +283,38 @@ def inference_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: _cpu32(v) for k, v in merged_model(model).state_dict().items()}
 
 
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                  "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _stored(state: dict[str, Tensor], dtype: Optional[str]) -> dict[str, Tensor]:
+    """`state` with its floating tensors in the storage `dtype` (None / float32: unchanged); loading upcasts."""
+    if dtype is None or STORAGE_DTYPES.get(dtype) is torch.float32:
+        return state
+    if dtype not in STORAGE_DTYPES:
+        raise BSRError(f"dtype={dtype!r} is not a storage dtype; use one of float32, float16, bfloat16")
+    return {k: v.to(STORAGE_DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def save_model(model: nn.Module, path: str | Path, *, model_name: Optional[str] = None,
                model_kwargs: Optional[Mapping[str, Any]] = None, bsr: Optional[BSRConfig] = None,
                class_names: Optional[Sequence[str]] = None, mean: Optional[Sequence[float]] = None,
-               std: Optional[Sequence[float]] = None, extra: Optional[Mapping[str, Any]] = None) -> dict:
+               std: Optional[Sequence[float]] = None, extra: Optional[Mapping[str, Any]] = None,
+               dtype: Optional[str] = None) -> dict:
     """Write `model`'s inference weights (float32) and its BSR configuration to a safetensors file, atomically.
 
     `model_name` + `model_kwargs` must rebuild the model with `timm.create_model` (checked before writing): the name
     defaults to the model's timm architecture, the kwargs to the model's image and patch size, width, depth, heads
     and classes; pass them when the model needs others. `bsr` defaults to the configuration the model is
-    reprogrammed with, `mean`/`std` to the model's `pretrained_cfg`. Returns {path, format, tensors, bytes}.
+    reprogrammed with, `mean`/`std` to the model's `pretrained_cfg`. `dtype` ("float16", "bfloat16") stores the
+    floating weights at that precision (half the file; loading computes in float32 from the rounded weights).
+    Returns {path, format, tensors, bytes}.
     """
     vit = merged_model(model)
     state = inference_state(vit)
     doc = _metadata_doc(vit, "full", model_name, model_kwargs, bsr, class_names, mean, std, extra)
     _check_rebuilds(vit, state, doc)
-    return _write(Path(path), state, doc)
+    return _write(Path(path), _stored(state, dtype), doc)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
@@ -314,13 +331,13 @@ def save_delta(model: nn.Module, path: str | Path, *, base_state: Mapping[str, T
                model_name: Optional[str] = None, model_kwargs: Optional[Mapping[str, Any]] = None,
                bsr: Optional[BSRConfig] = None, class_names: Optional[Sequence[str]] = None,
                mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-               extra: Optional[Mapping[str, Any]] = None) -> dict:
+               extra: Optional[Mapping[str, Any]] = None, dtype: Optional[str] = None) -> dict:
     """Write only the tensors of `model` that differ from `base_state` (the weights the run started from).
 
     Trained blocks, norm and head (for LoRA: the merged weights of the adapted layers) are kept; a frozen weight the
     lean preset stores in bf16 counts as unchanged when it is the base rounded to bf16 (loading rounds it again).
     `base_id` (sha256 by `state_sha256`) is computed from `base_state` when not given, and checked when given.
-    Returns {path, format, tensors, bytes, base_id}.
+    `dtype` stores the delta's floating tensors at that precision, as in `save_model`. Returns {path, format, tensors, bytes, base_id}.
     """
     vit = merged_model(model)
     live = {k: v.detach() for k, v in vit.state_dict().items()}
@@ -343,7 +360,7 @@ def save_delta(model: nn.Module, path: str | Path, *, base_state: Mapping[str, T
     doc = _metadata_doc(vit, "delta", model_name, model_kwargs, bsr, class_names, mean, std, extra)
     doc.update(base_id=actual, base_tensors=len(base_state))
     _check_rebuilds(vit, full, doc)
-    return {**_write(Path(path), delta, doc), "base_id": actual}
+    return {**_write(Path(path), _stored(delta, dtype), doc), "base_id": actual}
 
 
 def apply_delta(delta_path: str | Path, base_state: Mapping[str, Tensor],

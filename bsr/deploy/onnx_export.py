@@ -27,11 +27,13 @@ What cannot be expressed as-is, and how it is handled:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
+import json
 import re
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -45,6 +47,7 @@ from ..files import atomic_write_bytes
 from .artifact import host_vit, merged_model, one_line
 
 DEFAULT_OPSET = 17
+ONNX_META_KEY = "bsr"  # metadata_props key of the JSON document (class names, mean/std, ...) of an export
 _LAYERNORM_NAME = re.compile(r"blocks\.(\d+)/norm([12])/")  # TorchScript exporter node names: /blocks.3/norm2/...
 
 
@@ -129,12 +132,15 @@ def expected_token_counts(model: nn.Module, img_size: int | tuple[int, int]) -> 
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, img_size: Optional[int | tuple[int, int]] = None,
-                opset: int = DEFAULT_OPSET, kept_tokens: bool = False) -> dict:
+                opset: int = DEFAULT_OPSET, kept_tokens: bool = False,
+                metadata: Optional[Mapping[str, Any]] = None) -> dict:
     """Write `model` (a reprogrammed timm ViT, plain ViT or peft model) as ONNX with dynamic batch, atomically.
 
     Input `images` (batch, 3, H, W) float32 at `img_size` (default: the model's); output `logits` (batch, classes),
     and with `kept_tokens` one int64 output `kept_{block}` (batch, k) per drop block, indexing that block's non-CLS
-    input tokens as `bsr.core.record_kept_tokens` does. The model itself is left unchanged.
+    input tokens as `bsr.core.record_kept_tokens` does. The model itself is left unchanged. `metadata` (JSON values:
+    class names, mean/std, ...) is stored in the file's `metadata_props` under "bsr", with the image size and the
+    resolved BSR config added; `read_onnx_metadata` reads it back.
     Returns {path, bytes, opset, exporter, img_size, outputs, tokens}.
     """
     vit = export_copy(model)
@@ -158,22 +164,57 @@ def export_onnx(model: nn.Module, path: str | Path, *, img_size: Optional[int | 
         raise BSRError(f"ONNX export failed at opset {opset} ({one_line(e)[:300]}); try opset {DEFAULT_OPSET} or "
                        f"the model's own img_size") from None
     path = Path(path)
-    atomic_write_bytes(path, buf.getvalue())
+    data = buf.getvalue()
+    if metadata is not None:
+        data = _with_metadata(data, {**metadata, "img_size": list(size), "outputs": outputs,
+                                     "bsr": None if resolved is None else dataclasses.asdict(resolved)})
+    atomic_write_bytes(path, data)
     return {"path": str(path), "bytes": path.stat().st_size, "opset": opset, "exporter": "torchscript",
             "img_size": list(size), "outputs": outputs, "tokens": expected_token_counts(vit, size)}
 
 
-def _session(path: str | Path, model_bytes: Optional[bytes] = None):
-    """An onnxruntime CPU session for a file (or serialized model); one-line errors."""
+def _with_metadata(data: bytes, doc: Mapping[str, Any]) -> bytes:
+    """The serialized ONNX model `data` with `doc` as JSON in its metadata_props under `ONNX_META_KEY`."""
+    import onnx
+
+    try:
+        text = json.dumps(doc, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise BSRError(f"ONNX metadata is not JSON ({one_line(e)}); pass plain numbers, strings and lists") from None
+    graph_model = onnx.load_from_string(data)
+    entry = graph_model.metadata_props.add()
+    entry.key, entry.value = ONNX_META_KEY, text
+    return graph_model.SerializeToString()
+
+
+def read_onnx_metadata(path: str | Path, session=None) -> dict:
+    """The "bsr" metadata document of an ONNX export (written by `export_onnx(metadata=...)`); {} if it has none."""
+    meta = (session or _session(path)).get_modelmeta().custom_metadata_map
+    try:
+        doc = json.loads(meta[ONNX_META_KEY]) if ONNX_META_KEY in meta else {}
+    except ValueError:
+        raise BSRError(f"{path} has unreadable bsr metadata; export it again") from None
+    return doc if isinstance(doc, dict) else {}
+
+
+def _session(path: str | Path, model_bytes: Optional[bytes] = None, threads: Optional[int] = None):
+    """An onnxruntime CPU session for a file (or serialized model), `threads` intra-op threads (default:
+    onnxruntime's); one-line errors."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise BSRError("onnxruntime is not installed; pip install onnxruntime to run or verify ONNX exports") from None
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1
     try:
-        return ort.InferenceSession(model_bytes if model_bytes is not None else str(path),
+        return ort.InferenceSession(model_bytes if model_bytes is not None else str(path), sess_options=options,
                                     providers=["CPUExecutionProvider"])
     except Exception as e:
         raise BSRError(f"onnxruntime cannot load {path} ({one_line(e)[:300]}); export it again") from None
+
+
+onnx_session = _session  # the public name: `onnx_session(path, threads=None)`
 
 
 def verify_onnx(model: nn.Module, path: str | Path, images: Tensor) -> dict:
