@@ -103,6 +103,17 @@ class RunFiles:
         atomic_write_bytes(self.out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
 
 
+RUN_FILE_NAMES = (CHECKPOINT_NAME, "config.yaml", "metrics.jsonl", "report.json")
+
+
+def refuse_run_file(run: str | Path, out: str | Path, option: str = "OUT") -> None:
+    """Refuse (one line) an output path that is one of the run directory's own files: writing it destroys the run."""
+    out_path, run_path = Path(out).expanduser().resolve(), Path(run).expanduser().resolve()
+    if out_path.parent == run_path and out_path.name in RUN_FILE_NAMES:
+        raise BSRError(f"{option} {out} is the run's own {out_path.name}; writing it would destroy the run, pick a "
+                       f"path outside {run}")
+
+
 def default_out(cfg: TrainConfig) -> str:
     return str(Path("runs") / f"{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
 
