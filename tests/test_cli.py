@@ -101,7 +101,7 @@ def test_resume_of_a_finished_run_changes_nothing_and_summarises(finished_run, c
 
 
 def test_export_gives_plain_timm_weights(finished_run, tmp_path, capsys):
-    code, out, _ = run_cli(capsys, "export", str(finished_run), str(tmp_path / "w.safetensors"))
+    code, out, _ = run_cli(capsys, "export", str(finished_run), str(tmp_path / "w.safetensors"), "--format", "timm")
     assert code == 0 and out.startswith("wrote ")
     model = timm.create_model("vit_micro_patch4_28", img_size=16)
     model.load_state_dict(load_file(tmp_path / "w.safetensors"))  # strict: exactly timm's keys
@@ -113,7 +113,7 @@ def test_exported_bsr_run_loads_back_as_base_weights(tmp_path, capsys):
     """Export undoes the BSR patch; the file then serves as --checkpoint for a new run."""
     run = tmp_path / "bsr"
     assert main(["train", *TINY, "--out", str(run)]) == 0
-    assert main(["export", str(run), str(tmp_path / "w.safetensors"), "--dtype", "fp16"]) == 0
+    assert main(["export", str(run), str(tmp_path / "w.safetensors"), "--format", "timm", "--dtype", "fp16"]) == 0
     capsys.readouterr()
     code, out, _ = run_cli(capsys, "train", *TINY, "--checkpoint", str(tmp_path / "w.safetensors"),
                            "--method", "head", "--out", str(tmp_path / "again"))

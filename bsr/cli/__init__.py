@@ -1,4 +1,4 @@
-"""The `bsr` command: `bsr train`, `eval`, `export`, `bench`, `study` and `show-tokens`, one module each.
+"""The `bsr` command: `bsr train`, `eval`, `export`, `predict`, `bench`, `study` and `show-tokens`, one module each.
 
 The CLI only parses and calls the library; each command module registers its parser (`add`) and runs it (`run`), and
 no command module imports another. Flags of `train` and `bench` are generated from the dataclass fields of their
@@ -16,12 +16,13 @@ from ..errors import BSRError
 from . import bench as _bench
 from . import eval as _eval
 from . import export as _export
+from . import predict as _predict
 from . import study as _study
 from . import train as _train
 from . import weights as _weights
 
 EXIT_USER_ERROR = 2
-COMMANDS = (_train, _eval, _export, _bench, _study, _weights)  # in help order; each has add(subparsers)
+COMMANDS = (_train, _eval, _export, _predict, _bench, _study, _weights)  # in help order; each has add(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
