@@ -10,6 +10,7 @@ import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
+from typing import Sequence
 
 from ..core.config import BSRConfig
 from ..measure.bench import run_bench
@@ -25,7 +26,10 @@ def add(sub) -> None:
                        description="Benchmark fine-tuning methods on one model: memory per method in a fresh "
                                    "process, time round-robin in one process; writes bench.json, bench.md and "
                                    "bench.png into --out. bsr-lean is bsr with the lean preset. --moe benchmarks "
-                                   "the multi-task Mixture-of-Experts ViT instead (ratios against moe-full).")
+                                   "the multi-task Mixture-of-Experts ViT instead (ratios against moe-full). "
+                                   "--inference measures the deployed model instead: the unpatched and the BSR "
+                                   "model in PyTorch and as ONNX under onnxruntime; writes inference.json and "
+                                   "inference.md.")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/bench-<model>)")
     p.add_argument("--compare-analytic", action="store_true",
                    help="print (and add to bench.md) the authors' formula against the measured figures, and why")
@@ -37,12 +41,12 @@ def add(sub) -> None:
     p.set_defaults(run=run)
 
 
-def command_line(spec: BenchSpec, out: Path, compare: bool) -> str:
-    """The `bsr bench` command that repeats this run, with every option spelled out."""
+def command_line(spec: BenchSpec, out: Path, compare: bool, only: Sequence[str] = ()) -> str:
+    """The `bsr bench` command that repeats this run, with every option spelled out (`only`: just these)."""
     words = ["bsr", "bench"]
     for f in fields(spec):
         value = getattr(spec, f.name)
-        if f.name == "bsr" or value is None:
+        if f.name == "bsr" or value is None or (only and f.name not in only):
             continue
         if isinstance(value, bool):  # a --flag/--no-flag switch
             words.append("--" + ("" if value else "no-") + f.name.replace("_", "-"))
@@ -65,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
     spec = BenchSpec.from_dict(flags_to_values(args, ignore=_OWN_FLAGS))
     spec.check()
+    if spec.inference:
+        return _inference(spec, args)
     out = Path(args.out or f"runs/bench-{spec.model}{'-moe' if spec.moe else ''}")
     command = command_line(spec, out, args.compare_analytic)
     result = run_bench(spec, command=command, isolate=not args.in_process, log=_log)
@@ -73,4 +79,20 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(compare_analytic(result.records)))
     print(paths["md"].read_text())
     print(f"records: {paths['json']}, plot: {paths['png']}")
+    return 0
+
+
+def _inference(spec: BenchSpec, args: argparse.Namespace) -> int:
+    """`bsr bench --inference`: `bsr.measure.inference` (latency, throughput, memory of the deployed model)."""
+    from ..measure.inference import check, run_inference_bench, write_outputs
+
+    check(spec)
+    out = Path(args.out or f"runs/bench-inference-{spec.model}")
+    only = ("model", "img_size", "batch_size", "steps", "warmup", "num_classes", "threads", "seed", "mmap_threshold",
+            "inference")
+    result = run_inference_bench(spec, command=command_line(spec, out, False, only), isolate=not args.in_process,
+                                 log=_log)
+    paths = write_outputs(result, out)
+    print(paths["md"].read_text())
+    print(f"records: {paths['json']}")
     return 0

@@ -74,6 +74,9 @@ class BenchSpec:
     num_tasks: int = _f(3, "with --moe: tasks, i.e. heads and gates per MoE layer (num_classes classes each)")
     moe_experts: int = _f(16, "with --moe: experts per MoE layer (MoE layers at blocks 3, 7, 11)")
     moe_top_k: int = _f(4, "with --moe: experts per token")
+    inference: bool = _f(False, "measure inference instead of training (CPU): latency at batch 1, throughput at "
+                                "--batch-size and peak memory of the unpatched model and the BSR model, in PyTorch "
+                                "and exported to ONNX under onnxruntime (bsr.measure.inference)")
     bsr: dict = field(default_factory=dict)  # BSRConfig overrides for bsr, bsr-lean and tokendrop
 
     def __post_init__(self) -> None:
