@@ -1,4 +1,5 @@
-"""Files that survive a kill or a full disk: atomic writes and content hashes (the lowest layer, used by all).
+"""Files: atomic writes that survive a kill or a full disk, content hashes, and the one reader of text, YAML and JSON
+files (the lowest layer, used by all).
 
 A file is written through a temporary file in the same directory, fsynced, then moved over the target with one
 `os.replace`, so a reader sees the old file or the new one, never a mix, and a failed write leaves the old one intact.
@@ -7,9 +8,11 @@ A file is written through a temporary file in the same directory, fsynced, then 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, Optional
 
 from .errors import BSRError
 
@@ -64,3 +67,76 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------------------------------------- reading
+# The one reader of the text files a user hands to `bsr` or edits in a run directory (YAML configs and study files,
+# report.json, measurement files, metrics.jsonl): any failure is a one-line `BSRError` naming the file.
+
+
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The UTF-8 text of `path`; a binary file or an unreadable path is a one-line `BSRError` naming `what` and it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BSRError(f"{what} {path} is not a text file (byte {e.start} is not UTF-8); pass the right file") \
+            from None
+    except OSError as e:
+        raise BSRError(f"cannot read {what} {path}: {e.strerror or e}") from None
+
+
+def read_yaml(path: str | Path, what: str = "YAML file") -> dict:
+    """The mapping a YAML file holds (an empty file: {}); anything else is a one-line `BSRError`."""
+    import yaml
+
+    text = read_text(path, what)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise BSRError(f"{what} {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    return _top_level(data, dict, what, path)
+
+
+def read_json(path: str | Path, what: str = "JSON file", kind: type = dict) -> Any:
+    """The JSON value of `path`, which must be a `kind` (dict: an object); else a one-line `BSRError`."""
+    try:
+        data = json.loads(read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise BSRError(f"{what} {path} is not valid JSON (line {e.lineno}: {e.msg}); delete it or restore it") \
+            from None
+    return _top_level(data, kind, what, path)
+
+
+def read_json_lines(path: str | Path, what: str = "JSON-lines file") -> list[dict]:
+    """The objects of a JSON-lines file, one a line; a last line cut short (a write killed mid-line) is dropped,
+    any other line that is not a JSON object is a one-line `BSRError`."""
+    lines = read_text(path, what).splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise BSRError(f"{what} {path}: line {number} is not valid JSON; delete that line or the file") from None
+        records.append(_top_level(record, dict, f"{what} {path}: line {number}", None))
+    return records
+
+
+_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+               bool: "true/false", type(None): "null"}
+
+
+def _top_level(data: Any, kind: type, what: str, path: Optional[str | Path]) -> Any:
+    if isinstance(data, kind):
+        return data
+    where = f"{what} {path}" if path is not None else what
+    name = "a mapping" if kind is dict else _JSON_NAMES.get(kind, kind.__name__)
+    raise BSRError(f"{where} must hold {name}, not {_JSON_NAMES.get(type(data), type(data).__name__)}; "
+                   f"restore the file or pass the right one")

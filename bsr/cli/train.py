@@ -8,9 +8,6 @@ from ..core.config import PRESETS, BSRConfig
 from ..errors import BSRError
 from .options import add_dataclass_flags, flags_to_values
 
-# Flags that may accompany --resume: they change how, not what, is computed.
-_RESUME_FLAGS = ("device", "workers", "threads")
-
 
 def add(sub) -> None:
     """Register `bsr train` on the `bsr` subparsers."""
@@ -33,18 +30,14 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..train import config_of_run, resolve_config, summary_lines, train
+    from ..train import resolve_config, resume_config, summary_lines, train
     from ..train.distributed import is_main
 
     flags = flags_to_values(args, ignore=("command", "run", "config_file", "resume", "no_progress"))
     if args.resume is not None:
-        extra = [k for k in flags if k not in _RESUME_FLAGS] + (["config"] if args.config_file else [])
-        if extra:
-            raise BSRError(f"--resume continues the saved config; drop --{extra[0].replace('_', '-')}")
-        cfg, _ = config_of_run(args.resume)
-        for key, value in flags.items():
-            setattr(cfg, key, value)
-        cfg.out = args.resume
+        if args.config_file:
+            raise BSRError("--resume continues the saved config; drop --config")
+        cfg = resume_config(args.resume, flags)
     else:
         cfg = resolve_config(flags, args.config_file)
     report = train(cfg, resume=args.resume, progress=not args.no_progress)

@@ -14,9 +14,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, read_json, read_json_lines
 from ..measure.bench import machine
-from ..train.runs import environment
+from ..train.runs import environment, read_report
 from .grid import RunSpec, Study
 
 MIB = 2 ** 20
@@ -60,7 +60,7 @@ def run_record(run: RunSpec, out: Path) -> dict:
     record = {"id": run.run_id, "point": run.point, "dataset": run.dataset, "seed": run.seed,
               "method": run.config["method"], "finished": path.is_file()}
     if path.is_file():
-        report = json.loads(path.read_text())
+        report = read_report(path)
         record.update({"best": report["accuracy"]["best"], "final": report["accuracy"]["final"],
                        "best_step": report["accuracy"]["best_step"], "steps": report["steps"],
                        "trainable_params": report["params"]["trainable"],
@@ -78,7 +78,7 @@ def aggregate(point: str, dataset: str, config: dict, runs: list[dict], out: Pat
     """The aggregate of (point, dataset): means/stds over its finished seeds, and its measured memory and FLOPs."""
     mine = [r for r in runs if r["point"] == point and r["dataset"] == dataset and r["finished"]]
     mpath = out / "measure" / f"{point}-{dataset}.json"
-    measured = json.loads(mpath.read_text()) if mpath.is_file() else {}
+    measured = read_json(mpath, "measurement") if mpath.is_file() else {}
     best, best_std = _mean_std([r["best"] for r in mine])
     final, final_std = _mean_std([r["final"] for r in mine])
     val, val_std = _mean_std([r["val_best"] for r in mine if r.get("val_best") is not None])
@@ -117,16 +117,8 @@ def task_means(runs: list[dict]) -> Optional[dict]:
 
 def test_curve(metrics: Path) -> list[tuple[int, float]]:
     """(step, test top-1) of every evaluation a run logged."""
-    curve = []
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if "test_acc" in record:
-                curve.append((record["step"], record["test_acc"]))
-    return curve
+    records = read_json_lines(metrics, "metrics file") if metrics.is_file() else []
+    return [(record["step"], record["test_acc"]) for record in records if "test_acc" in record]
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

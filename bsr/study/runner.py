@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from ..errors import BSRError
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, read_json
 from ..measure.protocol import measure_config
 from ..train import config_of_run, make_config, train
 from ..train.checkpoint import CHECKPOINT_NAME
+from ..train.runs import read_report
 from .grid import RunSpec, Study
 from .report import MIB, collect, write_outputs
 from .tokens import show_tokens
@@ -58,7 +59,7 @@ def _comparable(config: dict) -> dict:
 def run_state(run_dir: Path, config: dict) -> str:
     """"done" (report.json), "resume" (checkpoint only) or "new"; refuses a directory holding another config."""
     if (run_dir / "report.json").is_file():
-        saved, state = json.loads((run_dir / "report.json").read_text()).get("config", {}), "done"
+        saved, state = read_report(run_dir)["config"], "done"
     elif (run_dir / CHECKPOINT_NAME).is_file():
         saved, state = config_of_run(run_dir)[0].to_dict(), "resume"
     else:
@@ -231,7 +232,7 @@ def _val_best(run_dir: Path) -> Optional[float]:
     path = run_dir / "report.json"
     if not path.is_file():
         return None
-    val = json.loads(path.read_text())["accuracy"].get("val")
+    val = read_report(path)["accuracy"].get("val")
     if val is None:
         raise BSRError(f"{path} has no validation top-1; the sweep needs val_fraction > 0")
     return float(val["best"])
@@ -295,9 +296,9 @@ def _measured(path: Path, config: dict, settings: dict) -> bool:
     if not path.is_file():
         return False
     try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return False
+        saved = read_json(path, "measurement")
+    except BSRError:
+        return False  # unreadable: measured again, and replaced
     strip = lambda c: {k: v for k, v in c.items() if k not in _NOT_MEASURED}  # noqa: E731
     return saved.get("measure") == settings and strip(saved.get("config", {})) == strip(config)
 

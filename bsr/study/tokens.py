@@ -9,29 +9,58 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ..core.patch import bsr_state, kept_patch_indices, record_kept_tokens
 from ..data import ImageTransform
+from ..data.images import open_image
 from ..errors import BSRError
 from ..train import load_run
 from ..train.batches import build_data
 from ..train.build import backbone, image_size
 from ..train.config import TrainConfig
+from ..train.runs import refuse_run_file
 
 
 def _load_image_files(paths: Sequence[str], size: int, mean: Sequence[float],
                       std: Sequence[float]) -> tuple[torch.Tensor, list[str]]:
     """Image files as a normalised batch (B, 3, size, size) and their names."""
     transform = ImageTransform(size, train=False, mean=mean, std=std)
-    images = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                images.append(transform(im.convert("RGB")))
-        except (OSError, UnidentifiedImageError) as e:
-            raise BSRError(f"cannot read image {p}: {e}; pass PNG/JPEG files") from None
+    images = [transform(open_image(p)) for p in paths]
     return torch.stack(images), [Path(p).name for p in paths]
+
+
+# How the vector formats matplotlib writes begin (a raster picture is recognised by PIL instead).
+_VECTOR_STARTS = (b"%PDF", b"%!PS", b"<?xml", b"<svg", b"\x1f\x8b", b"%% Creator: Matplotlib")
+
+
+def check_picture_out(out: Path, run_dir: str | Path) -> None:
+    """Refuse, before any work, an `--out` that matplotlib cannot write (by its extension), that is a file of a run
+    directory, or that exists and is not a picture (a picture from an earlier call may be replaced, nothing else)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    refuse_run_file(run_dir, out, "--out")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = out.suffix[1:].lower()
+    if extension not in formats:
+        what = f"a .{extension} file" if extension else "a file without an extension"
+        raise BSRError(f"--out {out}: matplotlib cannot write {what}; use .png (or {', '.join(sorted(formats))})")
+    if out.is_dir() or (out.exists() and not _is_picture(out)):
+        raise BSRError(f"--out {out} exists and is not a picture; show-tokens replaces only pictures: move it or "
+                       f"pick another --out")
+
+
+def _is_picture(path: Path) -> bool:
+    with path.open("rb") as f:
+        if f.read(64).startswith(_VECTOR_STARTS):
+            return True
+    try:
+        with Image.open(path):
+            return True
+    except Image.DecompressionBombError:
+        return True  # a (huge) picture all the same
+    except Exception:  # noqa: BLE001 - anything PIL cannot open is not a picture it would replace
+        return False
 
 
 def show_tokens(run_dir: str | Path, images: Sequence[str] = (), dataset_images: int = 0,
@@ -43,6 +72,7 @@ def show_tokens(run_dir: str | Path, images: Sequence[str] = (), dataset_images:
     """
     if not images and dataset_images < 1:
         raise BSRError("no images: pass image files or --dataset-images N")
+    check_picture_out(Path(out), run_dir)
     cfg, model = load_run(run_dir, torch.device("cpu"))
     vit = backbone(model)
     state = bsr_state(vit)

@@ -11,8 +11,8 @@ from .config import TrainConfig, load_yaml, make_config, merge_options, resolve_
 from .evaluate import evaluate_run
 from .loop import train, train_in_group
 from .optim import build_optimizer, lr_at
-from .runs import config_of_run, export_weights, load_run, summary_lines
+from .runs import config_of_run, export_weights, load_run, resume_config, summary_lines
 
 __all__ = ["TrainConfig", "build_model", "build_optimizer", "config_of_run", "evaluate_run", "export_weights",
            "load_run", "load_yaml", "lr_at", "make_config", "merge_options", "pick_device", "resolve_config",
-           "setup_model", "summary_lines", "train", "train_in_group"]
+           "resume_config", "setup_model", "summary_lines", "train", "train_in_group"]

@@ -21,8 +21,8 @@ from ..core import models  # noqa: F401  (registers vit_micro_patch4_28)
 from ..core.moe import MultiTaskViT, moeify
 from ..data import dataset_info
 from ..errors import BSRError
-from .config import MICRO_MODEL, TrainConfig
-from .methods import apply_method, host
+from .config import DEVICES, MICRO_MODEL, TrainConfig, check_device_name
+from .methods import apply_method, check_host, host
 
 EMBEDDED_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "vit_micro_fashion.safetensors"
 
@@ -38,7 +38,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     except (RuntimeError, ValueError, TypeError, AssertionError, OSError) as e:
         raise BSRError(f"cannot build model {cfg.model!r} with {kwargs or 'its defaults'}: "
                        f"{' '.join(str(e).split())[:200]}") from None
-    cfg.bsr.resolve(len(getattr(model, "blocks", ())))  # bad block indices fail before any weights are read
+    check_host(model, f"model {cfg.model!r}")
+    cfg.bsr.resolve(len(model.blocks))  # bad block indices fail before any weights are read
     for name in ("mean", "std"):  # unset: the model's own normalisation, recorded in the resolved config
         if getattr(cfg, name) is None:
             setattr(cfg, name, [float(v) for v in model.pretrained_cfg.get(name, (0.5, 0.5, 0.5))])
@@ -143,17 +144,19 @@ def load_base_weights(model: nn.Module, path: Path) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    """The torch device `name` says ("auto": CUDA if present, else CPU); a one-line error for a bad or absent one."""
+    """The torch device `name` says ("auto": CUDA if present, else CPU): auto, cpu, cuda or cuda:N of a GPU that is
+    there; anything else (mps, meta, xpu, a missing GPU) is a one-line error. Every command picks its device here."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BSRError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BSRError(f"device={name!r} but CUDA is not available; use --device cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BSRError(f"device={name!r} but CUDA is not available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BSRError(f"device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                           f"use {DEVICES} with N below that")
     return device
-
 
 
 def setup_model(cfg: TrainConfig, device: torch.device, num_classes: Optional[int] = None,
@@ -177,6 +180,14 @@ def setup_model(cfg: TrainConfig, device: torch.device, num_classes: Optional[in
     if cfg.grad_checkpointing:
         backbone(model).set_grad_checkpointing(True)
     return model.to(device)
+
+
+def check_num_classes(num_classes: int, dataset: str) -> None:
+    """Refuse a head with fewer outputs than the dataset has classes (its labels would fall outside the head)."""
+    classes = dataset_info(dataset).num_classes
+    if num_classes < classes:
+        raise BSRError(f"num_classes={num_classes} is fewer than the {classes} classes of {dataset}; drop "
+                       f"--num-classes (default: the dataset's) or give at least {classes}")
 
 
 def build_multitask_model(cfg: TrainConfig, task_classes: Sequence[int], apply: bool = True) -> MultiTaskViT:

@@ -116,12 +116,50 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = st_load(data)
         with safetensors.safe_open(path, framework="pt") as f:
             header = json.loads((f.metadata() or {})["bsr"])
-        if header.get("format") != FORMAT:
-            raise KeyError("format")
     except (safetensors.SafetensorError, KeyError, ValueError, json.JSONDecodeError, OSError) as e:
         raise BSRError(f"checkpoint {path} is corrupt or not a bsr checkpoint ({type(e).__name__}); "
                        f"re-run training or point to another run") from None
+    problem = checkpoint_problem(tensors, header)
+    if problem:
+        raise BSRError(f"checkpoint {path} is corrupt or not a bsr checkpoint ({problem}); re-run training or "
+                       f"point to another run")
     return tensors, header
+
+
+# Metadata of a checkpoint and its JSON types: what `save_checkpoint` always writes, then what a training run adds
+# (`bsr.train.runs.Run.checkpoint_meta`), checked whenever present.
+_REQUIRED = {"config": dict, "step": int, "optimizer": dict, "rng": dict}
+_OPTIONAL = {"best_acc": (int, float), "epoch": (int, float), "history": dict, "scheduler": dict, "scaler": dict,
+             "log_window": list}
+_KIND_NAMES = {dict: "a mapping", int: "an integer", list: "a list"}
+
+
+def checkpoint_problem(tensors: dict[str, torch.Tensor], header: Any) -> str:
+    """What is wrong with the shape of a checkpoint ("" if nothing): everything eval and resume read is checked here,
+    once, so neither meets a missing key or a wrong type later."""
+    if not isinstance(header, dict):
+        return f"its metadata is a {type(header).__name__}, not a mapping"
+    if header.get("format") != FORMAT:
+        return f"format {header.get('format')!r}, expected {FORMAT}"
+    for key, kind in {**_REQUIRED, **{k: v for k, v in _OPTIONAL.items() if k in header}}.items():
+        value = header.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"metadata {key} is {json.dumps(value)[:40]}, expected {_KIND_NAMES.get(kind, 'a number')}"
+    if header["step"] < 0:
+        return f"step {header['step']} is negative"
+    optimizer, rng = header["optimizer"], header["rng"]
+    if not isinstance(optimizer.get("param_groups"), list) or not isinstance(optimizer.get("scalars"), dict):
+        return "the optimizer metadata lacks param_groups or scalars"
+    if not (isinstance(rng.get("numpy"), list) and len(rng["numpy"]) == 4 and isinstance(rng.get("python"), list)
+            and len(rng["python"]) == 3):
+        return "the RNG metadata lacks the numpy or python state"
+    history = header.get("history", {"acc": None, "best_step": 0})
+    if "acc" not in history or not isinstance(history.get("best_step"), int):
+        return "the history metadata lacks acc or best_step"
+    for name, dtype in (("rng.torch", torch.uint8), ("rng.numpy", torch.int64)):
+        if name not in tensors or tensors[name].dtype != dtype:
+            return f"tensor {name} is missing or not {dtype}"
+    return ""
 
 
 def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path | str) -> None:

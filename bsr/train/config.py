@@ -7,20 +7,23 @@ unknown keys and wrong types are one-line `BSRError`s, and the resolved config i
 
 from __future__ import annotations
 
+import math
+import re
 import types
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
-import yaml
-
 from ..core.config import BSRConfig
 from ..errors import BSRError
+from ..files import read_yaml
 from .methods import METHODS
 from .recipes import RECIPE_NAMES, recipe_values
 
 DEFAULT_MODEL = "vit_small_patch14_dinov2_112"  # the embedded default's (`bsr.core.models`); weights: `bsr.weights`
 MICRO_MODEL = "vit_micro_patch4_28"  # the small model of tests and `--recipe micro`; weights in `bsr/assets`
+SEED_LIMIT = 2 ** 63  # seeds are in [0, 2**63): torch's generators take them, numpy's and the data order's too
+DEVICES = "auto, cpu, cuda or cuda:N"
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -101,12 +104,12 @@ class TrainConfig:
     log_every: int = _f(10, "write a metrics line every N steps (loss and train top-1: means over those steps)")
     workers: int = _f(0, "data loader worker processes")
     out: Optional[str] = _f(None, "run directory (default: runs/<method>-<dataset>-<time>)")
-    device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
+    device: str = _f("auto", DEVICES)
     threads: Optional[int] = _f(None, "CPU threads of torch; 1 suits small models and shared machines (spinning "
                                       "threads stall when cores are busy); none: torch's default (all cores)")
 
     def __post_init__(self) -> None:
-        if isinstance(self.bsr, dict):
+        if not isinstance(self.bsr, BSRConfig):
             self.bsr = make_bsr(self.bsr)
         hints = get_type_hints(TrainConfig)
         for f in fields(self):
@@ -115,6 +118,7 @@ class TrainConfig:
         self._check_values()
 
     def _check_values(self) -> None:
+        self._check_finite()
         choices = {"method": METHODS, "optimizer": ("sgd", "adamw"), "amp": ("off", "bf16", "fp16"),
                    "schedule": ("cosine", "constant")}
         for name, allowed in choices.items():
@@ -134,6 +138,11 @@ class TrainConfig:
                      "label_smoothing", "momentum", "moe_aux_loss", "moe_router_noise"):
             if getattr(self, name) < 0:
                 raise BSRError(f"{name}={getattr(self, name)} must not be negative")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise BSRError(f"seed={self.seed} is outside [0, 2**63); use e.g. 0")
+        if self.label_smoothing >= 1:
+            raise BSRError(f"label_smoothing={self.label_smoothing} must be in [0, 1), e.g. 0.1")
+        check_device_name(self.device)
         if self.rrc_scale is not None and (len(self.rrc_scale) != 2 or not 0 < self.rrc_scale[0] <= self.rrc_scale[1]
                                            <= 1):
             raise BSRError(f"rrc_scale={self.rrc_scale} must be two numbers 0 < low <= high <= 1, e.g. 0.5,1")
@@ -144,6 +153,15 @@ class TrainConfig:
                 raise BSRError(f"{name}={getattr(self, name)} must have 3 values (R,G,B)")
         if self.tasks is not None:
             self._check_tasks()
+
+    def _check_finite(self) -> None:
+        """Every float option (alone or in a list) is a finite number: nan and inf pass every range check."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise BSRError(f"{f.name}={v} is not a finite number; give a number, e.g. "
+                                   f"--{f.name.replace('_', '-')} {f.default if isinstance(f.default, float) else 1.0}")
 
     def _check_tasks(self) -> None:
         if not self.tasks:
@@ -168,6 +186,13 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return {**asdict(self), "bsr": self.bsr.to_dict()}
 
+
+
+def check_device_name(name: str) -> None:
+    """Refuse a device name bsr does not run on (mps, meta, xpu, ...): auto, cpu, cuda or cuda:N only. Whether the
+    device exists is `bsr.train.build.pick_device`'s check."""
+    if not isinstance(name, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise BSRError(f"device={name!r} is not supported; use {DEVICES}")
 
 
 # ------------------------------------------------------------------------------------------------- config layering
@@ -210,7 +235,7 @@ def check_type(key: str, value: Any, tp: Any) -> Any:
 def make_bsr(values: dict) -> BSRConfig:
     """`BSRConfig` from a dict, refusing unknown keys; a `preset` key names the base the other keys override."""
     if not isinstance(values, dict):
-        raise BSRError(f"bsr={values!r} must be a mapping of BSR options")
+        raise BSRError(f"bsr={values!r} must be a mapping of BSR options, e.g. bsr: {{keep_rate: 0.5}}")
     values = dict(values)
     preset = values.pop("preset", "paper")
     known = {f.name for f in fields(BSRConfig)}
@@ -233,22 +258,8 @@ def make_config(values: dict) -> TrainConfig:
 
 
 def load_yaml(path: str | Path) -> dict:
-    """A YAML mapping from `path`, with one-line errors."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise BSRError(f"cannot read config file {path}: {e.strerror or e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise BSRError(f"config file {path} is not valid YAML{where}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise BSRError(f"config file {path} must hold a mapping of options, not {type(data).__name__}")
-    return data
+    """A YAML mapping of options from `path`, with one-line errors naming the file (`bsr.files.read_yaml`)."""
+    return read_yaml(path, "config file")
 
 
 def merge_options(*layers: dict) -> dict:
@@ -261,6 +272,11 @@ def merge_options(*layers: dict) -> dict:
             else:
                 merged[key] = value
     return merged
+
+
+def with_values(cfg: TrainConfig, **changes) -> TrainConfig:
+    """A new `TrainConfig`: `cfg` with `changes`, checked as flags are (never `setattr` on a checked config)."""
+    return make_config(merge_options(cfg.to_dict(), changes)) if changes else cfg
 
 
 def resolve_config(flags: Optional[dict] = None, config_file: Optional[str | Path] = None) -> TrainConfig:

@@ -14,7 +14,7 @@ from ..data import dataset_info
 from ..errors import BSRError
 from .batches import build_tasks, test_loader
 from .build import image_size, pick_device
-from .config import TrainConfig
+from .config import TrainConfig, with_values
 from .distributed import Group
 from .methods import host
 from .optim import autocast
@@ -52,9 +52,8 @@ def evaluate_run(run: str | Path, dataset: Optional[str] = None, data_dir: Optio
     if cfg.tasks and dataset is not None:
         raise BSRError(f"run {run} is multi-task ({','.join(cfg.tasks)}): it is evaluated on its own tasks; drop "
                        f"--dataset")
-    for key, value in {"dataset": dataset, "data_dir": data_dir, "limit": limit, "batch_size": batch_size}.items():
-        if value is not None:
-            setattr(cfg, key, value)
+    changes = {"dataset": dataset, "data_dir": data_dir, "limit": limit, "batch_size": batch_size}
+    cfg = with_values(cfg, **{key: value for key, value in changes.items() if value is not None})
     if not cfg.tasks and dataset_info(cfg.dataset).num_classes != host(model).num_classes:
         raise BSRError(f"dataset {cfg.dataset!r} has {dataset_info(cfg.dataset).num_classes} classes but the "
                        f"model's head has {host(model).num_classes}")

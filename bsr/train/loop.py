@@ -28,7 +28,7 @@ from ..core.patch import bsr_state, set_keep_rate
 from ..errors import BSRError
 from . import distributed
 from .batches import build_tasks, test_loader
-from .build import backbone, image_size, pick_device, setup_model
+from .build import backbone, check_num_classes, image_size, pick_device, setup_model
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import Group
@@ -124,6 +124,11 @@ def _setup(cfg: TrainConfig, dp: Group, resume: Optional[str | Path]) -> Run:
     files = RunFiles(Path(cfg.out), write=dp.is_main)
     saved = read_checkpoint(resume) if resume is not None else None
     files.check(resuming=saved is not None)
+    if saved is not None:  # every file resume touches is checked before the first write
+        files.check_config_file(saved[1]["config"])
+        metrics = files.metrics_until(saved[1]["step"])
+    if cfg.num_classes is not None and not cfg.tasks:
+        check_num_classes(cfg.num_classes, cfg.dataset)
 
     model = setup_model(cfg, dp.device)
     tasks = build_tasks(cfg, image_size(model))
@@ -137,7 +142,7 @@ def _setup(cfg: TrainConfig, dp: Group, resume: Optional[str | Path]) -> Run:
     state = Progress()
     if saved is not None:
         state = restore_state(saved, model, optimizer, scaler, resume)
-        files.truncate_metrics(state.step)
+        files.truncate_metrics(metrics)
 
     test_set = tasks[0].test_set
     probe = torch.stack([test_set[i][0] for i in range(min(2, len(test_set)))])  # a rank's test slice may be empty

@@ -38,6 +38,14 @@ def _set_trainable(modules: list[nn.Module], flag: bool = True) -> None:
             p.requires_grad_(flag)
 
 
+def check_host(model: nn.Module, what: str) -> None:
+    """The one host-model check of training, bench and study: a timm VisionTransformer (a model with `.blocks`);
+    `what` names what needs it (the model option, or the method)."""
+    if not hasattr(model, "blocks"):
+        raise BSRError(f"{what} is a {type(model).__name__}, not a timm VisionTransformer (with .blocks); bsr "
+                       f"fine-tunes ViT blocks: use a ViT, DeiT or DINOv2, e.g. vit_small_patch16_224")
+
+
 def apply_method(model: nn.Module, method: str, *, bsr: BSRConfig | None = None, last_k: int = 3,
                  lora_rank: int = 8, lora_alpha: int = 16) -> nn.Module:
     """Make `model` train with `method`; returns the model to train (a peft wrapper for lora, else `model`).
@@ -45,8 +53,7 @@ def apply_method(model: nn.Module, method: str, *, bsr: BSRConfig | None = None,
     `bsr` gives the BSR options (used by `bsr`, and its drop settings by `tokendrop`).
     """
     bsr = bsr if bsr is not None else BSRConfig()
-    if not hasattr(model, "blocks"):
-        raise BSRError(f"method={method!r} needs a timm VisionTransformer (with .blocks); got {type(model).__name__}")
+    check_host(model, f"method={method!r}")
     if method == "full":
         model.requires_grad_(True)
         return model

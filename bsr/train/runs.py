@@ -29,13 +29,13 @@ from torch.utils.data import DataLoader
 from ..core.moe import moe_aux_loss
 from ..core.patch import bsr_state, restore
 from ..errors import BSRError
-from ..files import atomic_write_bytes
+from ..files import atomic_write_bytes, read_json, read_json_lines, read_yaml
 from ..version import __version__
 from . import distributed
 from .batches import Task
 from .build import backbone, setup_model
 from .checkpoint import CHECKPOINT_NAME, load_trainable, read_checkpoint, set_rng_state, unflatten_optimizer
-from .config import TrainConfig, make_config
+from .config import TrainConfig, make_config, with_values
 from .distributed import Group
 from .methods import ParamCount, format_tokens
 
@@ -75,18 +75,45 @@ class RunFiles:
             raise BSRError(f"cannot create out dir {self.out}: {e.strerror or e}") from None
         atomic_write_bytes(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 
-    def truncate_metrics(self, step: int) -> None:
-        """Drop metric lines a killed run wrote after its last checkpoint (they will be written again)."""
-        if not self.write or not self.metrics.exists():
-            return
-        keep = []
-        for line in self.metrics.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                pass  # a line cut short by the kill
-        atomic_write_bytes(self.metrics, "".join(ln + "\n" for ln in keep).encode())
+    def metrics_until(self, step: int) -> Optional[list[dict]]:
+        """The metric lines of steps up to `step` (a killed run's later lines are written again; a last line cut
+        short by the kill is dropped); None without a metrics file. Refuses, naming the file, one that is not JSON
+        lines of objects: resume checks it before it writes anything."""
+        if not self.metrics.exists():
+            return None
+        records = read_json_lines(self.metrics, "metrics file")
+        for number, record in enumerate(records, 1):
+            if not isinstance(record.get("step", 0), int):
+                raise BSRError(f"metrics file {self.metrics}: record {number} has step {record['step']!r}, not an "
+                               f"integer; restore the file or delete it")
+        return [record for record in records if record.get("step", 0) <= step]
+
+    def truncate_metrics(self, records: Optional[list[dict]]) -> None:
+        """Rewrite the metrics file with `records` (from `metrics_until`; None: there is none)."""
+        if self.write and records is not None:
+            atomic_write_bytes(self.metrics, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+    def check_config_file(self, saved: dict) -> dict:
+        """Compare the run's config.yaml with `saved`, the checkpoint's config (what resume continues): the file is
+        checked like flags, and it must agree on everything but `RESUME_OPTIONS` (and `out`), else a one-line error
+        names the file and the first option that differs, so that a user's edit is never silently overwritten.
+        Returns the file's `RESUME_OPTIONS` (they apply to the resumed run, flags win); {} without the file."""
+        path = self.out / "config.yaml"
+        if not path.exists():
+            return {}
+        what = f"{path} (read on resume)"
+        values = read_yaml(path, "run config")
+        try:
+            ours = make_config({k: v for k, v in values.items() if k != "out"}).to_dict()
+        except BSRError as e:
+            raise BSRError(f"{what}: {e}") from None
+        theirs = make_config({k: v for k, v in saved.items() if k != "out"}).to_dict()
+        for key in ours:
+            if key not in RESUME_OPTIONS + ("out",) and ours[key] != theirs[key]:
+                raise BSRError(f"{what} says {key}={ours[key]!r} but the checkpoint was trained with {theirs[key]!r}; "
+                               f"a run continues with its checkpoint's config: restore {key} in config.yaml (only "
+                               f"{', '.join(RESUME_OPTIONS)} may change, there or as flags)")
+        return {key: ours[key] for key in RESUME_OPTIONS}
 
     def log(self, record: dict) -> None:
         if not self.write:
@@ -103,13 +130,30 @@ class RunFiles:
         atomic_write_bytes(self.out / "report.json", (json.dumps(report, indent=2) + "\n").encode())
 
 
+def read_report(path: str | Path) -> dict:
+    """A run's `report.json` (the file, or its run directory), checked to hold what readers take from it: a mapping
+    with `config` and `accuracy` (best, final, best_step) mappings; else a one-line error naming the file."""
+    path = Path(path)
+    path = path / "report.json" if path.is_dir() else path
+    report = read_json(path, "run report")
+    accuracy = report.get("accuracy")
+    if not isinstance(report.get("config"), dict) or not isinstance(accuracy, dict) or \
+            any(key not in accuracy for key in ("best", "final", "best_step")):
+        raise BSRError(f"run report {path} lacks its config or accuracy; delete it (a run with a checkpoint writes it "
+                       f"again when continued) or restore it")
+    return report
+
+
 RUN_FILE_NAMES = (CHECKPOINT_NAME, "config.yaml", "metrics.jsonl", "report.json")
+RESUME_OPTIONS = ("device", "workers", "threads")  # how a run computes, not what: they may change on resume
 
 
 def refuse_run_file(run: str | Path, out: str | Path, option: str = "OUT") -> None:
-    """Refuse (one line) an output path that is one of the run directory's own files: writing it destroys the run."""
+    """Refuse (one line) an output path that is one of the files of run directory `run` (or of any other run
+    directory, one holding a checkpoint): writing it destroys that run."""
     out_path, run_path = Path(out).expanduser().resolve(), Path(run).expanduser().resolve()
-    if out_path.parent == run_path and out_path.name in RUN_FILE_NAMES:
+    if out_path.name in RUN_FILE_NAMES and (out_path.parent == run_path
+                                            or (out_path.parent / CHECKPOINT_NAME).is_file()):
         raise BSRError(f"{option} {out} is the run's own {out_path.name}; writing it would destroy the run, pick a "
                        f"path outside {run}")
 
@@ -189,8 +233,8 @@ def restore_state(saved: tuple[dict, dict], model: nn.Module, optimizer: torch.o
     if meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
     set_rng_state(tensors, meta["rng"])
-    history = {"tasks": {}, **meta["history"]}
-    return Progress(int(meta["step"]), float(meta["best_acc"]), history, meta.get("log_window", []))
+    history = {"tasks": {}, **meta.get("history", {"acc": None, "best_step": 0})}
+    return Progress(meta["step"], float(meta.get("best_acc", 0.0)), history, meta.get("log_window", []))
 
 
 def build_report(run: Run, step_times: list[float]) -> dict:
@@ -284,21 +328,32 @@ def data_parallel_record(group: Group, model: nn.Module) -> dict:
 
 
 def config_of_run(run: str | Path) -> tuple[TrainConfig, tuple[dict, dict]]:
-    """The resolved config and the checkpoint (tensors, metadata) of a run directory."""
+    """The resolved config and the checkpoint (tensors, metadata) of a run directory, both checked."""
     saved = read_checkpoint(run)
     try:
         cfg = make_config(saved[1]["config"])
-    except (KeyError, TypeError) as e:
-        raise BSRError(f"checkpoint {run} holds no valid config ({e})") from None
+    except BSRError as e:
+        raise BSRError(f"checkpoint of {run}: {e}") from None
     return cfg, saved
 
 
+def resume_config(run: str | Path, flags: Optional[dict] = None) -> TrainConfig:
+    """The config that continues `run`: its checkpoint's, with the `RESUME_OPTIONS` of its config.yaml and then of
+    `flags` over it (any other flag is refused), every value checked as `bsr train` checks flags."""
+    extra = [k for k in flags or {} if k not in RESUME_OPTIONS]
+    if extra:
+        raise BSRError(f"--resume continues the saved config; drop --{extra[0].replace('_', '-')} (only "
+                       f"{', '.join('--' + k for k in RESUME_OPTIONS)} may change)")
+    cfg, (_, meta) = config_of_run(run)
+    how = RunFiles(Path(run)).check_config_file(meta["config"])
+    return with_values(cfg, **{**how, **(flags or {}), "out": str(run)})
+
+
 def load_run(run: str | Path, device: torch.device, **overrides) -> tuple[TrainConfig, nn.Module]:
-    """Rebuild the trained model of a run: base weights + method + the checkpoint's trained parameters."""
+    """Rebuild the trained model of a run: base weights + method + the checkpoint's trained parameters (`overrides`
+    that are not None replace config values, checked like flags)."""
     cfg, (tensors, _) = config_of_run(run)
-    for key, value in overrides.items():
-        if value is not None:
-            setattr(cfg, key, value)
+    cfg = with_values(cfg, **{k: v for k, v in overrides.items() if v is not None})
     model = setup_model(cfg, device)
     load_trainable(model, tensors, run)
     model.eval()
@@ -313,6 +368,7 @@ def export_weights(run: str | Path, out: str | Path, dtype: str = "fp32") -> dic
     `heads.{t}.*`, the task order and names in the metadata."""
     from safetensors.torch import save as st_save
 
+    refuse_run_file(run, out)
     cfg, model = load_run(run, torch.device("cpu"))
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
