@@ -57,7 +57,7 @@ def test_second_invocation_skips_finished_runs(study_out):
     before = report.stat().st_mtime_ns
     lines = []
     run_study(parse_study(TINY), out, isolate=False, tokens=False, log=lines.append)
-    assert "2 runs (2 already finished)" in lines[0] and "0 jobs" in lines[0]
+    assert "2 runs" in lines[0] and "priority 0: 0 jobs (0 runs)" in lines[1]
     assert report.stat().st_mtime_ns == before
 
 

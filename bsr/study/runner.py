@@ -228,6 +228,15 @@ def choose_lrs(study: Study, out: Path) -> dict[tuple[str, str], dict]:
     return chosen
 
 
+def _log_lrs(lrs: dict, level: int, study: Study, log: Log) -> None:
+    points = {r.point for r in study.runs if r.priority == level}
+    for (point, dataset), c in lrs.items():
+        if point in points:
+            vals = ", ".join(f"{lr:g}: {'—' if v is None else f'{v:.2f}%'}" for lr, v in c["vals"].items())
+            log(f"lr of {point} on {dataset}: {c['lr'] if c['lr'] is not None else 'not chosen yet'} "
+                f"(validation top-1 {vals})")
+
+
 def _val_best(run_dir: Path) -> Optional[float]:
     path = run_dir / "report.json"
     if not path.is_file():
@@ -251,28 +260,27 @@ def run_study(study: Study, out: str | Path, *, jobs: int = 1, isolate: bool = T
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    sweep = study.sweep_runs()
-    if sweep and execute_jobs:  # the lr sweep first: the other runs need its choice
-        sweep_work = plan(study, out, sweep)
-        log(f"study {study.name}: lr sweep, {len(sweep)} runs ({len(sweep) - len(sweep_work)} already finished)")
-        results = run_jobs(sweep_work, jobs, log, isolate)
-        failed = [j.key for j in sweep_work if not results[j.key]["ok"]]
-        if failed:
-            raise BSRError(f"{len(failed)} sweep runs failed (first: {failed[0]}: {results[failed[0]]['error']}); "
-                           f"see their logs under {out}, then run the study again")
-    lrs = choose_lrs(study, out)
-    for (point, dataset), c in lrs.items():
-        vals = ", ".join(f"{lr:g}: {'—' if v is None else f'{v:.2f}%'}" for lr, v in c["vals"].items())
-        log(f"lr of {point} on {dataset}: {c['lr'] if c['lr'] is not None else 'not chosen yet'} "
-            f"(validation top-1 {vals})")
-    work = plan(study, out)
-    skipped = len(study.runs) - sum(1 for j in work if j.kind == "train")
-    log(f"study {study.name}: {len(study.runs)} runs ({skipped} already finished), "
-        f"{len(study.configs())} configurations; {len(work)} jobs, {jobs} at a time -> {out}")
+    done: list[Job] = []
+    results: dict[str, dict] = {}
+    log(f"study {study.name}: {len(study.runs)} runs, {len(study.sweep_runs())} of them lr-sweep runs, "
+        f"{len(study.configs())} configurations, {jobs} jobs at a time -> {out}")
+    levels = sorted({r.priority for r in study.runs}, reverse=True) if execute_jobs else []
+    for level in levels:  # by priority: a level's lr sweep, then its runs (so the first points finish first)
+        sweep = [r for r in study.sweep_runs() if r.priority == level]
+        if sweep:
+            jobs_now = plan(study, out, sweep)
+            log(f"priority {level}: lr sweep, {len(sweep)} runs ({len(sweep) - len(jobs_now)} already finished)")
+            results.update(run_jobs(jobs_now, jobs, log, isolate))
+            done += jobs_now
+            _log_lrs(choose_lrs(study, out), level, study, log)
+        mine = {r.run_id for r in study.runs if r.priority == level}
+        jobs_now = [j for j in plan(study, out) if j.kind == "measure" or j.key in mine]
+        log(f"priority {level}: {len(jobs_now)} jobs ({sum(j.kind == 'train' for j in jobs_now)} runs)")
+        results.update(run_jobs(jobs_now, jobs, log, isolate))
+        done += jobs_now
     if not execute_jobs:
         log("not running them (--report-only): rendering what has finished")
-        work = []
-    results = run_jobs(work, jobs, log, isolate)
+    lrs = choose_lrs(study, out)
 
     data = collect(study, out, lrs)
     data["meta"]["wall_seconds_this_invocation"] = time.time() - t_start
@@ -282,9 +290,9 @@ def run_study(study: Study, out: str | Path, *, jobs: int = 1, isolate: bool = T
             run_dir = token_run(study, out, dataset)
             if run_dir is not None:
                 show_tokens(run_dir, dataset_images=4, out=out / f"tokens-{dataset}.png")
-    failed = [j.key for j in work if not results[j.key]["ok"]]
+    failed = [j.key for j in done if not results[j.key]["ok"]]
     if failed:
-        raise BSRError(f"{len(failed)} of {len(work)} jobs failed (first: {failed[0]}: "
+        raise BSRError(f"{len(failed)} of {len(done)} jobs failed (first: {failed[0]}: "
                        f"{results[failed[0]]['error']}); see their logs under {out}, then run the study again")
     log(f"wrote {out / 'study.md'}, {out / 'study.json'}, {out / 'accuracy_vs_memory.png'} "
         f"({time.time() - t_start:.0f} s)")
