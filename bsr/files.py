@@ -74,47 +74,48 @@ def _fsync_dir(directory: Path) -> None:
 # report.json, measurement files, metrics.jsonl): any failure is a one-line `BSRError` naming the file.
 
 
-def read_text(path: str | Path, what: str = "file") -> str:
-    """The UTF-8 text of `path`; a binary file or an unreadable path is a one-line `BSRError` naming `what` and it."""
+USER_FIX = "pass the right file"  # the fix for a file the user named; files of a run or study folder: OUTPUT_FIX
+OUTPUT_FIX = "restore it or delete it"
+
+
+def read_text(path: str | Path, what: str = "file", fix: str = USER_FIX) -> str:
+    """The UTF-8 text of `path`; a binary file or an unreadable path is a one-line `BSRError` naming `what` and it,
+    ending in `fix`."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise BSRError(f"{what} {path} is not a text file (byte {e.start} is not UTF-8); pass the right file") \
-            from None
+        raise BSRError(f"{what} {path} is not a text file (byte {e.start} is not UTF-8); {fix}") from None
     except OSError as e:
         raise BSRError(f"cannot read {what} {path}: {e.strerror or e}") from None
 
 
-def read_yaml(path: str | Path, what: str = "YAML file") -> dict:
+def read_yaml(path: str | Path, what: str = "YAML file", fix: str = USER_FIX) -> dict:
     """The mapping a YAML file holds (an empty file: {}); anything else is a one-line `BSRError`."""
     import yaml
 
-    text = read_text(path, what)
+    text = read_text(path, what, fix)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise BSRError(f"{what} {path} is not valid YAML{where}") from None
-    if data is None:
-        return {}
-    return _top_level(data, dict, what, path)
+        raise BSRError(f"{what} {path} is not valid YAML{where}; {fix}") from None
+    return {} if data is None else _top_level(data, dict, f"{what} {path}", fix)
 
 
-def read_json(path: str | Path, what: str = "JSON file", kind: type = dict) -> Any:
+def read_json(path: str | Path, what: str = "JSON file", kind: type = dict, fix: str = OUTPUT_FIX) -> Any:
     """The JSON value of `path`, which must be a `kind` (dict: an object); else a one-line `BSRError`."""
     try:
-        data = json.loads(read_text(path, what))
+        data = json.loads(read_text(path, what, fix))
     except json.JSONDecodeError as e:
-        raise BSRError(f"{what} {path} is not valid JSON (line {e.lineno}: {e.msg}); delete it or restore it") \
-            from None
-    return _top_level(data, kind, what, path)
+        raise BSRError(f"{what} {path} is not valid JSON (line {e.lineno}: {e.msg}); {fix}") from None
+    return _top_level(data, kind, f"{what} {path}", fix)
 
 
-def read_json_lines(path: str | Path, what: str = "JSON-lines file") -> list[dict]:
+def read_json_lines(path: str | Path, what: str = "JSON-lines file", fix: str = OUTPUT_FIX) -> list[dict]:
     """The objects of a JSON-lines file, one a line; a last line cut short (a write killed mid-line) is dropped,
     any other line that is not a JSON object is a one-line `BSRError`."""
-    lines = read_text(path, what).splitlines()
+    lines = read_text(path, what, fix).splitlines()
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -124,19 +125,17 @@ def read_json_lines(path: str | Path, what: str = "JSON-lines file") -> list[dic
         except json.JSONDecodeError:
             if number == len(lines):
                 break
-            raise BSRError(f"{what} {path}: line {number} is not valid JSON; delete that line or the file") from None
-        records.append(_top_level(record, dict, f"{what} {path}: line {number}", None))
+            raise BSRError(f"{what} {path}: line {number} is not valid JSON; {fix}") from None
+        records.append(_top_level(record, dict, f"{what} {path}: line {number}", fix))
     return records
 
 
-_JSON_NAMES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+_JSON_NAMES = {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
                bool: "true/false", type(None): "null"}
 
 
-def _top_level(data: Any, kind: type, what: str, path: Optional[str | Path]) -> Any:
+def _top_level(data: Any, kind: type, where: str, fix: str) -> Any:
     if isinstance(data, kind):
         return data
-    where = f"{what} {path}" if path is not None else what
-    name = "a mapping" if kind is dict else _JSON_NAMES.get(kind, kind.__name__)
-    raise BSRError(f"{where} must hold {name}, not {_JSON_NAMES.get(type(data), type(data).__name__)}; "
-                   f"restore the file or pass the right one")
+    have = _JSON_NAMES.get(type(data), type(data).__name__)
+    raise BSRError(f"{where} must hold {_JSON_NAMES.get(kind, kind.__name__)}, not {have}; {fix}")

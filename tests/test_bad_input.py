@@ -260,6 +260,18 @@ TEST_CASES = [
     # --- bench takes the same model check as train
     Case("bench-model-resnet18", ["bench", "--model", "resnet18", "--methods", "full", "--out", "{tmp}/bench"],
          ["resnet18"]),
+    # --- the same checks on other paths into them
+    Case("eval-batch-size-0", ["eval", "{run}", "--batch-size", "0"], ["batch_size"], run=True),
+    Case("bench-device-mps", ["bench", "--model", MODEL, "--device", "mps", "--methods", "full", "--out",
+                              "{tmp}/bench"], ["mps"]),
+    Case("config-yaml-lr-nan", ["train", "--config", "{tmp}/nan.yaml"], ["lr"], setup=write("nan.yaml", "lr: .nan\n"),
+         train=True),
+    Case("resume-config-yaml-lr-edited", ["train", "--resume", "{run}", "--no-progress"], ["config.yaml", "lr"],
+         setup=config_yaml(lr=0.5), run=True),
+    Case("export-onto-another-runs-checkpoint", ["export", "{run}", "{tmp}/other/" + CHECKPOINT], [CHECKPOINT],
+         setup=write("other/" + CHECKPOINT, b"another run's checkpoint"), run=True),
+    Case("show-tokens-out-no-extension", ["show-tokens", "{run}", "--dataset-images", "1", "--out", "{tmp}/tokens"],
+         ["extension"], run=True),
     # --- regression guards: these already give one line today
     Case("guard-unknown-model", ["train", "--model", "vit_gigantic_nope"], ["vit_gigantic_nope"], train=True),
     Case("guard-block-out-of-range", ["train", "--trainable-blocks", "3,12"], ["trainable_blocks"], train=True),
@@ -378,3 +390,12 @@ def test_internal_error_with_bsr_debug_shows_the_traceback(tmp_path, monkeypatch
         return
     _, err = capsys.readouterr()
     assert code == 1 and "Traceback" in err and "simulated internal bug" in err, err
+
+
+def test_debug_flag_shows_the_traceback(tmp_path, monkeypatch):
+    """`bsr --debug CMD` and `bsr CMD ... --debug` raise a real bug with its traceback, as BSR_DEBUG=1 does."""
+    monkeypatch.delenv("BSR_DEBUG", raising=False)
+    argv = _simulated_bug(monkeypatch, tmp_path)
+    for args in (["--debug", *argv], [*argv, "--debug"]):
+        with pytest.raises(RuntimeError, match="simulated internal bug"):
+            main(args)

@@ -16,6 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 from ..errors import BSRError
+from ..version import __version__
 from . import bench as _bench
 from . import eval as _eval
 from . import export as _export
@@ -26,7 +27,7 @@ from . import weights as _weights
 
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
-REPORT_AT = "the project's issue tracker (README: Reporting a bug)"
+REPORT_AT = "the project's issue tracker (README: Errors and reporting a bug)"
 COMMANDS = (_train, _eval, _export, _predict, _bench, _study, _weights)  # in help order; each has add(subparsers)
 
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(Sarkar et al., arXiv 2405.10951)")
     debug_help = "show the traceback of an error (also: BSR_DEBUG=1)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument("--version", action="version", version=f"bsr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
         command.add(sub)

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import BSRError
-from ..train import load_yaml, merge_options, resolve_config
+from ..files import read_yaml
+from ..train import merge_options, resolve_config
 
 STUDY_KEYS = ("name", "base", "datasets", "seeds", "per_dataset", "runs", "measure", "quick", "sweep")
 QUICK_KEYS = ("base", "datasets", "seeds", "runs", "per_dataset")
@@ -255,4 +256,4 @@ def dataset_options(label: str) -> dict:
 
 def load_study(path: str | Path, quick: bool = False) -> Study:
     """Parse and validate the study file at `path` (one-line `BSRError` on any problem)."""
-    return parse_study(load_yaml(path), quick=quick, source=str(path))
+    return parse_study(read_yaml(path, "study file"), quick=quick, source=str(path))

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from ..core.moe import moe_aux_loss
 from ..core.patch import bsr_state, restore
 from ..errors import BSRError
-from ..files import atomic_write_bytes, read_json, read_json_lines, read_yaml
+from ..files import OUTPUT_FIX, atomic_write_bytes, read_json, read_json_lines, read_yaml
 from ..version import __version__
 from . import distributed
 from .batches import Task
@@ -102,7 +102,7 @@ class RunFiles:
         if not path.exists():
             return {}
         what = f"{path} (read on resume)"
-        values = read_yaml(path, "run config")
+        values = read_yaml(path, "run config", fix=OUTPUT_FIX)
         try:
             ours = make_config({k: v for k, v in values.items() if k != "out"}).to_dict()
         except BSRError as e:
@@ -152,10 +152,14 @@ def refuse_run_file(run: str | Path, out: str | Path, option: str = "OUT") -> No
     """Refuse (one line) an output path that is one of the files of run directory `run` (or of any other run
     directory, one holding a checkpoint): writing it destroys that run."""
     out_path, run_path = Path(out).expanduser().resolve(), Path(run).expanduser().resolve()
-    if out_path.name in RUN_FILE_NAMES and (out_path.parent == run_path
-                                            or (out_path.parent / CHECKPOINT_NAME).is_file()):
+    if out_path.name not in RUN_FILE_NAMES:
+        return
+    if out_path.parent == run_path:
         raise BSRError(f"{option} {out} is the run's own {out_path.name}; writing it would destroy the run, pick a "
                        f"path outside {run}")
+    if (out_path.parent / CHECKPOINT_NAME).is_file():
+        raise BSRError(f"{option} {out} is the {out_path.name} of the run in {out_path.parent}; writing it would "
+                       f"destroy that run, pick another path")
 
 
 def default_out(cfg: TrainConfig) -> str:
