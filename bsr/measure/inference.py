@@ -38,7 +38,7 @@ from torch import nn
 from ..deploy import export_onnx, onnx_session, verify_onnx
 from ..errors import BSRError
 from ..train import setup_model
-from ..train.methods import tokens_per_block
+from ..train.methods import format_tokens, tokens_per_block
 from . import flops, memory
 from .bench import apply_mmap_threshold, machine, versions
 from .bench_spec import MIB, RECORD_PREFIX, BenchSpec, bench_config, meta_model
@@ -247,8 +247,8 @@ def render_markdown(result: dict) -> str:
              f"round {meta['b1_repeats']} forwards of 1 image and 1 forward of {b} images per variant; medians. Peak "
              f"memory in a fresh process per variant: building the model (or loading the ONNX file into an "
              f"onnxruntime session) and one batch of {b}, above the resident memory before",
-             f"- BSR: `{json.dumps(meta['bsr_config'])}`; tokens per block (attention/MLP) "
-             + ", ".join(f"{a}/{mm}" for a, mm in bsr_tokens),
+             f"- BSR: `{json.dumps(meta['bsr_config'])}`; tokens per block (attention/MLP): "
+             f"{format_tokens([tuple(t) for t in bsr_tokens])}",
              "- speed-up = unpatched/variant time, from this run; FLOP limit = unpatched/variant forward FLOPs", "",
              *table]
     return "\n".join(lines) + "\n"
