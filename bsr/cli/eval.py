@@ -26,4 +26,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"top-1 {r['top1']:.2f}%{mean} on {r['dataset']} test ({r['images']} images, method {r['method']})")
     for name, acc in r.get("tasks", {}).items():
         print(f"  {name:<16} {acc:.2f}%")
+    for name, (acc, images) in r.get("classes", {}).items():
+        print(f"  {name:<16} {'-' if acc is None else f'{acc:.2f}%':>8} ({images} images)")
     return 0

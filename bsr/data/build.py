@@ -23,9 +23,10 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import BSRError
-from .registry import SPLITS, dataset_info
+from .folder import build_user_dataset, dataset_info, is_user_dataset
+from .registry import SPLITS
 from .sources import _load_embedded, _load_mnist, _load_sklearn_digits, _load_torchvision, load_fashion_mnist
-from .transforms import ImageTransform, LabelledSubset, TensorImageDataset, stratified_order, stratified_split
+from .transforms import ImageTransform, LabelledSubset, TensorImageDataset, split_selection
 
 # Loaders of the in-memory datasets: (split, data_dir, download) -> images (N, H, W) uint8, labels (N,) int64.
 _ARRAY_LOADERS: dict[str, Callable[[str, str | None, bool], tuple[np.ndarray, np.ndarray]]] = {
@@ -57,7 +58,8 @@ def _check_args(split: str, img_size: int, mean: Sequence[float], std: Sequence[
 def build_dataset(name: str, split: str, *, img_size: int, train: bool, data_dir: str | None = None,
                   download: bool = False, mean: Sequence[float] = (0.5, 0.5, 0.5),
                   std: Sequence[float] = (0.5, 0.5, 0.5), rrc_scale: tuple[float, float] | None = None,
-                  hflip: bool = False, limit: int | None = None, seed: int = 0, val_fraction: float = 0.0) -> Dataset:
+                  hflip: bool = False, limit: int | None = None, seed: int = 0, val_fraction: float = 0.0,
+                  test_fraction: float = 0.2, split_seed: int = 0, strict: bool = False) -> Dataset:
     """Dataset `name`, split "train", "val" or "test", yielding `(float32 (3, img_size, img_size), int label)`.
 
     `train=True` applies the training augmentation (`RandomResizedCrop(img_size, scale=rrc_scale)` when `rrc_scale`
@@ -67,33 +69,31 @@ def build_dataset(name: str, split: str, *, img_size: int, train: bool, data_dir
     permutation seeded by `seed` (see `stratified_order`). "val" holds `val_fraction` of each class of the (limited)
     source train split, chosen with seed 0 whatever `seed` is, and "train" the rest (all of it when `val_fraction` is
     0). The result has `targets` and `classes` attributes.
+    `folder:PATH` and `csv:PATH` are the user's own images (`bsr.data.folder`): their own train/val/test splits when
+    they have them, else a test split of `test_fraction` of each class drawn with `split_seed`; unreadable images are
+    skipped (listed in the result's `skipped`) or, with `strict`, refused.
     Any missing or corrupt data or bad argument raises a one-line `BSRError`.
     """
     info = dataset_info(name)
     _check_args(split, img_size, mean, std, rrc_scale, limit)
-    if not 0.0 <= val_fraction < 1.0 or (split == "val" and val_fraction == 0.0):
+    if not 0.0 <= val_fraction < 1.0 or (split == "val" and val_fraction == 0.0 and not info.val_split):
         raise BSRError(f"val_fraction={val_fraction} must be in [0, 1) (and above 0 for the 'val' split), e.g. 0.1")
     transform = ImageTransform(int(img_size), train, mean, std, rrc_scale, hflip)
+    if is_user_dataset(name):
+        if not 0.0 < test_fraction < 1.0:
+            raise BSRError(f"test_fraction={test_fraction} must be in (0, 1), e.g. 0.2")
+        return build_user_dataset(name, split, transform, limit=limit, seed=seed, val_fraction=val_fraction,
+                                  test_fraction=test_fraction, split_seed=split_seed, strict=strict)
     source_split = "test" if split == "test" else "train"
     if name in _ARRAY_LOADERS:
         images, labels = _ARRAY_LOADERS[name](source_split, data_dir, download)
-        keep = _selection(labels, split, limit, seed, val_fraction)
+        keep = split_selection(labels, split, limit, seed, val_fraction)
         if keep is not None:
             images, labels = images[keep], labels[keep]
         # One contiguous uint8 tensor (N, 1, H, W): 47 MB for all of Fashion-MNIST's training set.
         images_t = torch.from_numpy(np.ascontiguousarray(images).copy()).unsqueeze(1)
         return TensorImageDataset(images_t, torch.from_numpy(labels.astype(np.int64)), transform, info.classes)
     dataset = _load_torchvision(info, source_split, data_dir, transform, download)
-    keep = _selection(np.asarray(dataset.targets), split, limit, seed, val_fraction)
+    keep = split_selection(np.asarray(dataset.targets), split, limit, seed, val_fraction)
     return dataset if keep is None else LabelledSubset(dataset, keep.tolist(), dataset.targets)
 
-
-def _selection(labels: np.ndarray, split: str, limit: int | None, seed: int, val_fraction: float) -> np.ndarray | None:
-    """Indices of `split` within its source split's `labels`: the `limit` first of the seeded stratified order, then
-    (train/val) the seed-0 stratified validation part or the rest. None: every item, in order."""
-    keep = stratified_order(labels, seed)[:limit] if limit is not None else None
-    if split == "test" or val_fraction == 0.0:
-        return keep
-    pool = keep if keep is not None else np.arange(len(labels))
-    train_part, val_part = stratified_split(np.asarray(labels)[pool], val_fraction, seed=0)
-    return pool[val_part if split == "val" else train_part]

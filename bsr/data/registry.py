@@ -56,6 +56,7 @@ class DatasetInfo:
     homepage: str = ""
     classes: tuple[str, ...] = ()
     title: str = ""  # display name for messages, e.g. "CIFAR-10"; defaults to `name`
+    val_split: bool = False  # a validation split of its own (a folder's val/), used instead of `val_fraction`
 
     def __post_init__(self) -> None:
         if not self.title:

@@ -128,3 +128,14 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     train_idx = np.setdiff1d(np.arange(labels.shape[0]), test_idx)
     return train_idx, test_idx
 
+
+def split_selection(labels: np.ndarray, split: str, limit: int | None, seed: int,
+                    val_fraction: float) -> np.ndarray | None:
+    """Indices of `split` within its source split's `labels`: the `limit` first of the seeded stratified order, then
+    (train/val) the seed-0 stratified validation part or the rest. None: every item, in order."""
+    keep = stratified_order(labels, seed)[:limit] if limit is not None else None
+    if split == "test" or val_fraction == 0.0:
+        return keep
+    pool = keep if keep is not None else np.arange(len(labels))
+    train_part, val_part = stratified_split(np.asarray(labels)[pool], val_fraction, seed=0)
+    return pool[val_part if split == "val" else train_part]

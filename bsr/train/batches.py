@@ -9,15 +9,17 @@ batch of step s.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 from typing import Any, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from ..data import build_dataset
+from ..data import build_dataset, dataset_info, is_user_dataset
 from ..errors import BSRError
-from .config import TrainConfig
+from . import distributed
+from .config import TrainConfig, with_values
 from .distributed import Group
 
 
@@ -69,15 +71,29 @@ def build_data(cfg: TrainConfig, img_size: int,
     `limit` subsets are chosen with seed 0, not the run's seed, so that every seed of a study trains and is tested on
     the same images; the validation split (`val_fraction`) is fixed the same way."""
     common = dict(img_size=img_size, data_dir=cfg.data_dir, download=cfg.download, mean=tuple(cfg.mean),
-                  std=tuple(cfg.std), limit=cfg.limit, seed=0, val_fraction=cfg.val_fraction)
+                  std=tuple(cfg.std), limit=cfg.limit, seed=0, val_fraction=cfg.val_fraction,
+                  test_fraction=cfg.test_fraction, split_seed=cfg.split_seed, strict=cfg.strict)
     train_set = val_set = None
     if train:
         scale = tuple(cfg.rrc_scale) if cfg.rrc_scale else None
         train_set = build_dataset(cfg.dataset, "train", train=True, rrc_scale=scale, hflip=cfg.hflip, **common)
-        if cfg.val_fraction > 0:
+        if cfg.val_fraction > 0 or dataset_info(cfg.dataset).val_split:  # a folder's own val/ wins
             val_set = build_dataset(cfg.dataset, "val", train=False, **common)
     test_set = build_dataset(cfg.dataset, "test", train=False, **common)
+    for split, data in (("train", train_set), ("val", val_set), ("test", test_set)):
+        report_skipped(cfg.dataset, split, getattr(data, "skipped", []))
     return train_set, val_set, test_set
+
+
+def report_skipped(dataset: str, split: str, skipped: list[tuple[str, str]], shown: int = 10) -> None:
+    """Name the unreadable images a folder/CSV split left out (the first `shown`), with their count, on stderr."""
+    if not skipped or not distributed.is_main():
+        return
+    lines = [f"bsr: skipped {len(skipped)} unreadable image(s) of the {split} split of {dataset} (--strict stops "
+             f"instead):"] + [f"bsr:   {reason}" for _, reason in skipped[:shown]]
+    if len(skipped) > shown:
+        lines.append(f"bsr:   ... and {len(skipped) - shown} more")
+    print("\n".join(lines), file=sys.stderr, flush=True)
 
 
 def train_loader(items: SeededItems, cfg: TrainConfig, epoch: int, skip: int, group: Group) -> DataLoader:
@@ -117,6 +133,7 @@ class Task:
     val_set: Optional[Dataset] = None
     steps_per_epoch: int = 0
     batches: Any = None
+    skipped: int = 0  # unreadable images left out of its splits (folder/CSV datasets)
 
     def start(self, cfg: TrainConfig, group: Group, step: int) -> None:
         """Batches from global step `step` on: in a multi-task run every step takes one batch of every task, so
@@ -131,7 +148,8 @@ def build_tasks(cfg: TrainConfig, img_size: int, train: bool = True) -> list[Tas
     tasks = []
     for index, name in enumerate(cfg.task_names):
         train_set, val_set, test_set = build_data(replace(cfg, dataset=name) if multi else cfg, img_size, train)
-        task = Task(name, index if multi else None, None, test_set, val_set)
+        task = Task(name, index if multi else None, None, test_set, val_set,
+                    skipped=sum(len(getattr(d, "skipped", [])) for d in (train_set, val_set, test_set)))
         if train:
             task.items = SeededItems(train_set, cfg.seed)
             task.steps_per_epoch = len(task.items) // cfg.batch_size
@@ -141,3 +159,21 @@ def build_tasks(cfg: TrainConfig, img_size: int, train: bool = True) -> list[Tas
         tasks.append(task)
     return tasks
 
+
+def with_class_names(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with `class_names` set from a folder/CSV dataset (kept with the run, so `bsr eval` and `bsr predict`
+    name classes even where the images are gone); refuses names that do not match the dataset's classes (a folder
+    whose classes changed since the run started, or names of the wrong count)."""
+    if cfg.tasks:
+        return cfg
+    info = dataset_info(cfg.dataset)
+    names = list(info.classes)
+    if cfg.class_names is None:
+        return with_values(cfg, class_names=names) if is_user_dataset(cfg.dataset) else cfg
+    if is_user_dataset(cfg.dataset) and cfg.class_names != names:
+        raise BSRError(f"{cfg.dataset} has classes {', '.join(names)} but the run's class_names are "
+                       f"{', '.join(cfg.class_names)}; restore the folder's classes or start a new run")
+    if len(cfg.class_names) != (cfg.num_classes or info.num_classes):
+        raise BSRError(f"class_names gives {len(cfg.class_names)} names for {cfg.num_classes or info.num_classes} "
+                       f"classes; give one name per class, in label order")
+    return cfg

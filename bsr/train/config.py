@@ -49,7 +49,9 @@ class TrainConfig:
                                  'the embedded Fashion-MNIST weights for vit_micro_patch4_28, else none; "none" = '
                                  'random init')
     # data
-    dataset: str = _f("digits-embedded", "dataset name (see bsr.data.DATASETS)")
+    dataset: str = _f("digits-embedded", "dataset name (see bsr.data.DATASETS), or your own images: folder:PATH "
+                                         "(one sub-folder per class; train/, val/, test/ sub-folders when present) "
+                                         "or csv:FILE (path,label lines, paths relative to the file)")
     data_dir: Optional[str] = _f(None, "folder holding the dataset (default: the dataset's own)")
     download: bool = _f(False, "let torchvision download a missing dataset")
     limit: Optional[int] = _f(None, "use only this many images of each split (class-stratified)")
@@ -57,6 +59,13 @@ class TrainConfig:
     hflip: bool = _f(False, "random horizontal flips in training")
     val_fraction: float = _f(0.0, "fraction of the training images held out as a validation split (class-stratified, "
                                   "the same for every seed), evaluated with the test split; 0: none")
+    test_fraction: float = _f(0.2, "folder:/csv: datasets without a test split of their own: fraction of each "
+                                   "class held out as the test split (drawn with --split-seed)")
+    split_seed: int = _f(0, "folder:/csv: datasets: seed of the held-out test split (kept in the run's config)")
+    strict: bool = _f(False, "folder:/csv: datasets: stop at the first unreadable image (default: skip each, named, "
+                             "with a count)")
+    class_names: Optional[list[str]] = _f(None, "class names of the head, in label order (default: the dataset's; "
+                                                "a folder:/csv: dataset's are written here when training starts)")
     mean: Optional[list[float]] = _f(None, "per-channel normalisation mean (default: the model's, from timm)")
     std: Optional[list[float]] = _f(None, "per-channel normalisation std (default: the model's, from timm)")
     # method
@@ -138,8 +147,11 @@ class TrainConfig:
                      "label_smoothing", "momentum", "moe_aux_loss", "moe_router_noise"):
             if getattr(self, name) < 0:
                 raise BSRError(f"{name}={getattr(self, name)} must not be negative")
-        if not 0 <= self.seed < SEED_LIMIT:
-            raise BSRError(f"seed={self.seed} is outside [0, 2**63); use e.g. 0")
+        for name in ("seed", "split_seed"):
+            if not 0 <= getattr(self, name) < SEED_LIMIT:
+                raise BSRError(f"{name}={getattr(self, name)} is outside [0, 2**63); use e.g. 0")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise BSRError(f"test_fraction={self.test_fraction} must be in (0, 1), e.g. 0.2")
         if self.label_smoothing >= 1:
             raise BSRError(f"label_smoothing={self.label_smoothing} must be in [0, 1), e.g. 0.1")
         check_device_name(self.device)

@@ -47,9 +47,10 @@ def base_state(run: str | Path | TrainConfig) -> dict[str, torch.Tensor]:
 
 
 def _class_names(cfg: TrainConfig, num_classes: int) -> Optional[list[str]]:
-    """The dataset's class names when they fit the head (a run may have trained a wider head)."""
+    """The run's class names (kept in its config for folder/CSV datasets), else the dataset's, when they fit the head
+    (a run may have trained a wider head)."""
     try:
-        names = list(dataset_info(cfg.dataset).classes)
+        names = list(cfg.class_names or dataset_info(cfg.dataset).classes)
     except BSRError:
         return None
     return names if len(names) == num_classes else None

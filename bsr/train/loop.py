@@ -27,7 +27,7 @@ from ..core.moe import set_moe_task
 from ..core.patch import bsr_state, set_keep_rate
 from ..errors import BSRError
 from . import distributed
-from .batches import build_tasks, test_loader
+from .batches import build_tasks, test_loader, with_class_names
 from .build import backbone, check_num_classes, image_size, pick_device, setup_model
 from .checkpoint import CHECKPOINT_NAME, read_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -129,6 +129,7 @@ def _setup(cfg: TrainConfig, dp: Group, resume: Optional[str | Path]) -> Run:
         metrics = files.metrics_until(saved[1]["step"])
     if cfg.num_classes is not None and not cfg.tasks:
         check_num_classes(cfg.num_classes, cfg.dataset)
+    cfg = with_class_names(cfg)
 
     model = setup_model(cfg, dp.device)
     tasks = build_tasks(cfg, image_size(model))

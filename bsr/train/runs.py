@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from ..core.moe import moe_aux_loss
 from ..core.patch import bsr_state, restore
+from ..data import dataset_slug
 from ..errors import BSRError
 from ..files import OUTPUT_FIX, atomic_write_bytes, read_json, read_json_lines, read_yaml
 from ..version import __version__
@@ -163,7 +164,7 @@ def refuse_run_file(run: str | Path, out: str | Path, option: str = "OUT") -> No
 
 
 def default_out(cfg: TrainConfig) -> str:
-    return str(Path("runs") / f"{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return str(Path("runs") / f"{cfg.method}-{dataset_slug(cfg.dataset)}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 
@@ -247,7 +248,8 @@ def build_report(run: Run, step_times: list[float]) -> dict:
     report = {
         "accuracy": {"final": p.history["acc"], "best": p.best, "best_step": p.history["best_step"]},
         "dataset": {"name": "+".join(cfg.task_names), "train_images": sum(len(t.items) for t in tasks),
-                    "test_images": sum(len(t.test_set) for t in tasks)},
+                    "test_images": sum(len(t.test_set) for t in tasks),
+                    "skipped_images": sum(t.skipped for t in tasks), "class_names": cfg.class_names},
         "method": cfg.method, "model": cfg.model, "steps": run.total_steps,
         "params": {"trainable": run.params.trainable, "total": run.params.total},
         "tokens_per_block": [{"attn": a, "mlp": m} for a, m in run.tokens],
@@ -286,6 +288,8 @@ def summary_lines(report: dict) -> list[str]:
     ]
     lines[2:2] = [f"    {name:<16} final {t['final']:.2f}%  best {t['best']:.2f}%"  # under the mean's line
                   for name, t in acc.get("tasks", {}).items()]
+    if report["dataset"].get("skipped_images"):
+        lines.insert(-1, f"  skipped        {report['dataset']['skipped_images']} unreadable images (named above)")
     if "val" in acc:
         v = acc["val"]
         lines.insert(2, f"  val top-1      final {v['final']:.2f}%  best {v['best']:.2f}% (step {v['best_step']}, "
