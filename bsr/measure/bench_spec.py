@@ -27,6 +27,7 @@ MOE_METHODS = {"moe-full": ("full", True), "moe-bsr": ("bsr", True), "moe-bsr-le
 LEAN_METHODS = (LEAN, "moe-bsr-lean")
 MOE_TASK = 0  # the task whose batch every measured step trains
 OPTIMIZERS = ("sgd", "adamw")
+FUSED = "+fused"  # suffix of a method name: the same method with the optimizer step fused into backward
 RECORD_PREFIX = "BSR_BENCH_RECORD "  # marks the worker's result line on stdout (libraries may print too)
 MIB = 2 ** 20
 
@@ -48,7 +49,8 @@ class BenchSpec:
     img_size: Optional[int] = _f(None, "image size in pixels (default: the model's)")
     batch_size: int = _f(32, "images per training step")
     methods: Optional[list[str]] = _f(None, f"comma list of methods to compare, from {','.join(BENCH_METHODS)}; "
-                                            f"with --moe from {','.join(MOE_METHODS)} (default: all of them)")
+                                            f"with --moe from {','.join(MOE_METHODS)} (default: all of them); "
+                                            f"METHOD{FUSED}: METHOD with the optimizer step fused into backward")
     steps: int = _f(5, "timed round-robin rounds (one training step of every method each); medians over them")
     warmup: int = _f(1, "untimed rounds before the timed ones, and untimed steps before the memory window")
     memory_steps: int = _f(1, "training steps inside the peak-memory window, after warm-up (each has the same "
@@ -77,11 +79,18 @@ class BenchSpec:
     inference: bool = _f(False, "measure inference instead of training (CPU): latency at batch 1, throughput at "
                                 "--batch-size and peak memory of the unpatched model and the BSR model, in PyTorch "
                                 "and exported to ONNX under onnxruntime (bsr.measure.inference)")
+    fused_step: bool = _f(False, f"also measure every method with the optimizer step fused into backward "
+                                 f"(bsr.train.fused: each parameter stepped as soon as its gradient is ready, the "
+                                 f"gradient freed at once), as METHOD{FUSED}; its ratios are given both against the "
+                                 f"baseline and against the baseline{FUSED}")
     bsr: dict = field(default_factory=dict)  # BSRConfig overrides for bsr, bsr-lean and tokendrop
 
     def __post_init__(self) -> None:
         if self.methods is None:  # every method of the mode
             self.methods = list(MOE_METHODS if self.moe else BENCH_METHODS)
+        if self.fused_step:  # idempotent: a saved spec (methods already expanded) loads to the same list
+            self.methods = list(self.methods) + [m + FUSED for m in self.methods
+                                                 if not m.endswith(FUSED) and m + FUSED not in self.methods]
 
     @property
     def baseline(self) -> str:
@@ -91,7 +100,7 @@ class BenchSpec:
     def check(self) -> None:
         """Raise a one-line `BSRError` for anything that would fail later, before any process is started."""
         known = list(MOE_METHODS) if self.moe else list(BENCH_METHODS)
-        unknown = [m for m in self.methods if m not in known]
+        unknown = [m for m in self.methods if base_method(m) not in known]
         if unknown or not self.methods:
             other = " (without --moe)" if self.moe else " (or --moe for the multi-task methods)"
             raise BSRError(f"unknown method {unknown[0]!r}; use a comma list of {', '.join(known)}{other}"
@@ -135,9 +144,20 @@ class BenchSpec:
 
 
 
+def base_method(name: str) -> str:
+    """A bench method name without its `+fused` suffix."""
+    return name[:-len(FUSED)] if name.endswith(FUSED) else name
+
+
+def is_fused(name: str) -> bool:
+    """Whether bench method `name` steps the optimizer inside backward (`bsr.train.fused`)."""
+    return name.endswith(FUSED)
+
+
 def method_config(spec: BenchSpec, name: str) -> tuple[str, BSRConfig]:
     """(method for `apply_method`, its BSR options) of a bench method name; `bsr-lean` is bsr with the lean preset,
-    a multi-task name maps to the single-task method it applies (`MOE_METHODS`)."""
+    a multi-task name maps to the single-task method it applies (`MOE_METHODS`), `+fused` changes neither."""
+    name = base_method(name)
     method = MOE_METHODS[name][0] if name in MOE_METHODS else name
     try:
         if name in LEAN_METHODS:
@@ -157,7 +177,7 @@ def bench_config(spec: BenchSpec, name: str) -> TrainConfig:
                                   bsr=config, last_k=spec.last_k, lora_rank=spec.lora_rank, lora_alpha=spec.lora_alpha,
                                   seed=spec.seed, device=spec.device, threads=spec.threads)
     if spec.moe:
-        values.update(tasks=[f"task{i}" for i in range(spec.num_tasks)], moe=MOE_METHODS[name][1],
+        values.update(tasks=[f"task{i}" for i in range(spec.num_tasks)], moe=MOE_METHODS[base_method(name)][1],
                       moe_blocks=list(DEFAULT_MOE_BLOCKS), moe_experts=spec.moe_experts, moe_top_k=spec.moe_top_k)
     else:
         values["num_classes"] = spec.num_classes

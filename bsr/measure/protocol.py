@@ -28,6 +28,7 @@ from ..data import dataset_info
 from ..train import build_optimizer, make_config, pick_device, setup_model
 from ..train.build import backbone, image_size
 from ..train.config import TrainConfig
+from ..train.fused import FusedOptimizer, largest_grad_bytes
 from ..train.methods import count_params
 from . import allocator, memory
 from .flops import count_flops
@@ -39,13 +40,14 @@ class Workload:
     images (B, 3, S, S) are `images`); `host` is the timm ViT whose blocks saved bytes are attributed to."""
 
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | FusedOptimizer
     loss: Callable[[], torch.Tensor]
     host: nn.Module
     images: torch.Tensor
 
     def step(self) -> None:
-        """One forward, backward and optimizer step; gradients set to None after it, as torch does by default."""
+        """One forward, backward and optimizer step; gradients set to None after it, as torch does by default (a
+        `FusedOptimizer` has stepped and freed them inside backward already)."""
         self.loss().backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -107,10 +109,18 @@ def measure_training(build: Callable[[], Workload], device: torch.device, warmup
     return {
         "train_peak_bytes": peak, "train_resident_bytes": resident, "peak_resettable": resettable,
         "saved_activation_bytes": saved.total, "saved_by_block": saved.by_block,
-        "param_bytes": memory.param_bytes(work.model), "grad_bytes": memory.grad_bytes(work.model),
+        "param_bytes": memory.param_bytes(work.model), "grad_bytes": grad_bytes(work),
         "optimizer_bytes": memory.optimizer_state_bytes(work.optimizer),
         "trainable_params": counts.trainable, "total_params": counts.total, "train_flops_per_step": flops,
     }, work
+
+
+def grad_bytes(work: Workload) -> int:
+    """Bytes of the gradients a step holds at once: all of them, or with the step fused into backward
+    (`bsr.train.fused`) the largest one, each being freed once its parameter is updated."""
+    if isinstance(work.optimizer, FusedOptimizer):
+        return largest_grad_bytes(work.optimizer)
+    return memory.grad_bytes(work.model)
 
 
 def config_workload(cfg: TrainConfig, device: torch.device) -> Workload:

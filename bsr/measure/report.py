@@ -12,7 +12,8 @@ from typing import Optional
 
 from ..train.methods import format_tokens
 from .bench import BenchResult
-from .bench_spec import MIB
+from .bench_spec import FUSED, MIB, base_method
+
 HIGHLIGHT = ("bsr", "bsr-lean", "moe-bsr", "moe-bsr-lean")
 
 
@@ -34,6 +35,19 @@ def _ratios(r: dict) -> dict:
     return r["ratio_vs_baseline"] if "ratio_vs_baseline" in r else r["ratio_vs_full"]
 
 
+def _same_option(records: list[dict], kind: str) -> Optional[tuple[str, list[str]]]:
+    """With `+fused` methods in the run: (header, cells) of the `kind` ratio against the baseline given the same
+    option (`full+fused` for a fused method), so that the fused step's own saving is not read as the method's."""
+    if not any(r.get("fused_step") for r in records):
+        return None
+    return (f"{baseline_of(records)}(same option)/x",
+            [_ratio((r.get("ratio_vs_same_option") or {}).get(kind)) for r in records])
+
+
+def _name(r: dict) -> str:
+    return f"**{r['method']}**" if base_method(r["method"]) in HIGHLIGHT else r["method"]
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A markdown table: first column left-aligned, the figures right-aligned."""
     return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1),
@@ -48,13 +62,12 @@ def memory_table(records: list[dict]) -> list[str]:
     rows = []
     for r in records:
         ratio = _ratios(r)
-        rows.append([f"**{r['method']}**" if r["method"] in HIGHLIGHT else r["method"],
-                     f"{r['trainable_params']:,} / {r['total_params']:,}", _mib(r["param_bytes"]),
+        rows.append([_name(r), f"{r['trainable_params']:,} / {r['total_params']:,}", _mib(r["param_bytes"]),
                      _mib(r["grad_bytes"]), _mib(r["optimizer_bytes"]), _mib(r["saved_activation_bytes"]),
                      _ratio(ratio["saved_activation"]), _mib(r["train_peak_bytes"]), _ratio(ratio["train_peak"]),
                      _mib(r["infer_peak_bytes"]), _ratio(r["train_over_infer_peak"]),
                      _mib(r["analytic_memory_bytes"])])
-    return _table(header, rows)
+    return _table(*_with_column(header, rows, 9, _same_option(records, "train_peak")))
 
 
 def compute_table(records: list[dict]) -> list[str]:
@@ -65,12 +78,19 @@ def compute_table(records: list[dict]) -> list[str]:
     rows = []
     for r in records:
         ratio = _ratios(r)
-        rows.append([f"**{r['method']}**" if r["method"] in HIGHLIGHT else r["method"],
-                     f"{r['train_flops_per_step'] / 1e9:,.1f}", _ratio(ratio["flops"]),
+        rows.append([_name(r), f"{r['train_flops_per_step'] / 1e9:,.1f}", _ratio(ratio["flops"]),
                      f"{r['fwd_gmacs_per_image']:.2f}", f"{r['step_time_median_s']:.3f}", _ratio(ratio["step_time"]),
                      ", ".join(f"{t:.2f}" for t in r["step_times_s"]), f"{r['achieved_gflops']:.1f}",
                      f"{r['matmul_gflops']:.1f}"])
-    return _table(header, rows)
+    return _table(*_with_column(header, rows, 6, _same_option(records, "step_time")))
+
+
+def _with_column(header: list[str], rows: list[list[str]], at: int,
+                 column: Optional[tuple[str, list[str]]]) -> tuple[list[str], list[list[str]]]:
+    """`header` and `rows` with `column` (a header and one cell per row) inserted at position `at`, if given."""
+    if column is None:
+        return header, rows
+    return header[:at] + [column[0]] + header[at:], [row[:at] + [cell] + row[at:] for row, cell in zip(rows, column[1])]
 
 
 def _block_order(name: str) -> tuple:
@@ -125,7 +145,9 @@ def render_markdown(result: BenchResult, compare: bool = False) -> str:
                 if spec.get("mmap_threshold") else "glibc's default (dynamic; its heap may keep freed activations)"),
              *_multitask_lines(spec),
              f"- ratios are {baseline}/method from this run, baseline **{baseline}** (higher is better for the "
-             f"method)", "",
+             f"method)" + (f"; `(same option)` columns: against {baseline}{FUSED} for a `{FUSED}` method (the "
+                           f"optimizer step fused into backward, gradients freed as they are used)"
+                           if any(r.get("fused_step") for r in records) else ""), "",
              "## Memory", "", *memory_table(records), "",
              "## Compute and time", "", *compute_table(records), "",
              "## Saved for backward, MiB per part", "", *saved_by_block_table(records), "",

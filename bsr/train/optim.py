@@ -7,12 +7,14 @@ The paper's recipes (Sarkar et al., arXiv 2405.10951, SPEC section 3): SGD with 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 from torch import nn
 
 from ..errors import BSRError
 from .config import TrainConfig
+from .fused import FusedOptimizer
 from .methods import host
 
 
@@ -35,8 +37,9 @@ def keep_rate_at(step: int, keep_rate: float, warmup_steps: int) -> float:
     return keep_rate + (1.0 - keep_rate) * 0.5 * (1.0 + math.cos(math.pi * step / warmup_steps))
 
 
-def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD or AdamW over the trainable parameters; no decay on 1-D params/pos_embed/cls_token; layer-wise lr scales."""
+def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer | FusedOptimizer:
+    """SGD or AdamW over the trainable parameters; no decay on 1-D params/pos_embed/cls_token; layer-wise lr scales.
+    With `cfg.fused_step`, one such optimizer per parameter, stepped inside backward (`bsr.train.fused`)."""
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
     vit = host(model)  # timm's helpers read the ViT's own names and group_matcher, not peft's prefixes
@@ -49,8 +52,10 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     if not groups:
         raise BSRError(f"method={cfg.method!r} leaves nothing to train")
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        make = partial(torch.optim.SGD, lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        make = partial(torch.optim.AdamW, lr=cfg.lr)
+    return FusedOptimizer(groups, make) if cfg.fused_step else make(groups)  # fused: stepped inside backward
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
