@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bsr", description="Block Selective Reprogramming of timm ViTs "
                                                              "(Sarkar et al., arXiv 2405.10951)")
     debug_help = "show the traceback of an error (also: BSR_DEBUG=1)"
-    parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)  # only if given
     parser.add_argument("--version", action="version", version=f"bsr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in COMMANDS:
@@ -52,7 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return EXIT_USER_ERROR
-    debug = vars(args).pop("debug") or os.environ.get("BSR_DEBUG", "") not in ("", "0")  # not a command's option
+    debug = vars(args).pop("debug", False)  # not an option of the command
+    debug = debug or os.environ.get("BSR_DEBUG", "") not in ("", "0")
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ DEFAULT_MODEL = "vit_small_patch14_dinov2_112"  # the embedded default's (`bsr.c
 MICRO_MODEL = "vit_micro_patch4_28"  # the small model of tests and `--recipe micro`; weights in `bsr/assets`
 SEED_LIMIT = 2 ** 63  # seeds are in [0, 2**63): torch's generators take them, numpy's and the data order's too
 DEVICES = "auto, cpu, cuda or cuda:N"
+MAX_THREADS, MAX_WORKERS = 1024, 256  # far above any machine's cores; torch's own limit overflows, not refuses
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -104,10 +105,6 @@ class TrainConfig:
     steps: Optional[int] = _f(None, "training steps (overrides --epochs)")
     batch_size: int = _f(32, "training batch size")
     clip_grad: Optional[float] = _f(1.0, "clip the gradient norm to this (none: off)")
-    fused_step: bool = _f(False, "step the optimizer inside backward, each parameter as soon as its gradient is "
-                                 "ready, and free that gradient at once: no full set of gradients is ever held, the "
-                                 "updates are the same (bsr.train.fused). Needs --clip-grad none (no global norm "
-                                 "exists to clip by); not with --amp fp16 or torchrun")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
     amp: str = _f("off", "mixed precision: off, bf16 or fp16")
     grad_checkpointing: bool = _f(False, "recompute activations in backward (timm's gradient checkpointing)")
@@ -151,6 +148,9 @@ class TrainConfig:
                      "label_smoothing", "momentum", "moe_aux_loss", "moe_router_noise"):
             if getattr(self, name) < 0:
                 raise BSRError(f"{name}={getattr(self, name)} must not be negative")
+        for name, most in (("threads", MAX_THREADS), ("workers", MAX_WORKERS)):
+            if (getattr(self, name) or 0) > most:
+                raise BSRError(f"{name}={getattr(self, name)} is more than {most}; use at most the machine's cores")
         for name in ("seed", "split_seed"):
             if not 0 <= getattr(self, name) < SEED_LIMIT:
                 raise BSRError(f"{name}={getattr(self, name)} is outside [0, 2**63); use e.g. 0")
@@ -169,8 +169,6 @@ class TrainConfig:
                 raise BSRError(f"{name}={getattr(self, name)} must have 3 values (R,G,B)")
         if self.tasks is not None:
             self._check_tasks()
-        if self.fused_step:
-            self._check_fused_step()
 
     def _check_finite(self) -> None:
         """Every float option (alone or in a list) is a finite number: nan and inf pass every range check."""
@@ -195,15 +193,6 @@ class TrainConfig:
         if self.moe_top_k > self.moe_experts:
             raise BSRError(f"moe_top_k={self.moe_top_k} is more than moe_experts={self.moe_experts}; use "
                            f"1 <= moe_top_k <= moe_experts")
-
-    def _check_fused_step(self) -> None:
-        """What needs every gradient before the first update cannot run with the step fused into backward."""
-        if self.clip_grad is not None:
-            raise BSRError(f"fused_step updates each parameter as soon as its gradient is ready, so no global norm "
-                           f"exists to clip by (clip_grad={self.clip_grad}); add --clip-grad none")
-        if self.amp == "fp16":
-            raise BSRError("fused_step cannot use fp16's loss scaling (it checks every gradient for inf before any "
-                           "update); use --amp bf16 or off")
 
     @property
     def task_names(self) -> list[str]:
