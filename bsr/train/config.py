@@ -105,6 +105,10 @@ class TrainConfig:
     steps: Optional[int] = _f(None, "training steps (overrides --epochs)")
     batch_size: int = _f(32, "training batch size")
     clip_grad: Optional[float] = _f(1.0, "clip the gradient norm to this (none: off)")
+    fused_step: bool = _f(False, "step the optimizer inside backward, each parameter as soon as its gradient is "
+                                 "ready, and free that gradient at once: no full set of gradients is ever held, the "
+                                 "updates are the same (bsr.train.fused). Needs --clip-grad none (no global norm "
+                                 "exists to clip by); not with --amp fp16 or torchrun")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
     amp: str = _f("off", "mixed precision: off, bf16 or fp16")
     grad_checkpointing: bool = _f(False, "recompute activations in backward (timm's gradient checkpointing)")
@@ -169,6 +173,8 @@ class TrainConfig:
                 raise BSRError(f"{name}={getattr(self, name)} must have 3 values (R,G,B)")
         if self.tasks is not None:
             self._check_tasks()
+        if self.fused_step:
+            self._check_fused_step()
 
     def _check_finite(self) -> None:
         """Every float option (alone or in a list) is a finite number: nan and inf pass every range check."""
@@ -193,6 +199,15 @@ class TrainConfig:
         if self.moe_top_k > self.moe_experts:
             raise BSRError(f"moe_top_k={self.moe_top_k} is more than moe_experts={self.moe_experts}; use "
                            f"1 <= moe_top_k <= moe_experts")
+
+    def _check_fused_step(self) -> None:
+        """What needs every gradient before the first update cannot run with the step fused into backward."""
+        if self.clip_grad is not None:
+            raise BSRError(f"fused_step updates each parameter as soon as its gradient is ready, so no global norm "
+                           f"exists to clip by (clip_grad={self.clip_grad}); add --clip-grad none")
+        if self.amp == "fp16":
+            raise BSRError("fused_step cannot use fp16's loss scaling (it checks every gradient for inf before any "
+                           "update); use --amp bf16 or off")
 
     @property
     def task_names(self) -> list[str]:
