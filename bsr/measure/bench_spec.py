@@ -66,10 +66,11 @@ class BenchSpec:
     lora_rank: int = _f(8, "LoRA rank")
     lora_alpha: int = _f(16, "LoRA alpha")
     matmul_size: int = _f(2048, "side of the square matmul that measures the machine's GFLOP/s")
-    mmap_threshold: Optional[int] = _f(None, "fix glibc's mmap threshold (bytes, e.g. 1048576) in every process "
-                                             "of the run, so freed activations go back to the OS and peak RSS "
-                                             "tracks live tensors (default: glibc's dynamic threshold, whose heap "
-                                             "keeps freed activations resident); see bsr.allocator")
+    mmap_threshold: Optional[int] = _f(1 << 20, "glibc's mmap threshold (bytes) fixed in every process of the run, "
+                                                "so freed activations go back to the OS and peak RSS tracks live "
+                                                "tensors, as bsr train does; none or --no-release-memory: glibc's "
+                                                "dynamic threshold, whose heap keeps freed activations resident "
+                                                "(see bsr.allocator)")
     moe: bool = _f(False, "benchmark the multi-task Mixture-of-Experts ViT (SPEC section 5): methods moe-full "
                           "(the baseline of the ratios), moe-bsr, moe-bsr-lean, dense-full; each step trains one "
                           "batch of task 0")

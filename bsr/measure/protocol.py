@@ -3,7 +3,7 @@
 Sarkar et al. (arXiv 2405.10951) compare methods by training memory and FLOPs; both are measured here the same way
 for every caller:
 
-1. `prepare_process`: torch threads, glibc's mmap threshold (`bsr.measure.allocator`, so freed activations go back to
+1. `prepare_process`: torch threads, glibc's mmap threshold (`bsr.allocator`, so freed activations go back to
    the OS and peak RSS tracks live tensors), and peft imported outside the window (its modules are not training).
 2. `release_memory`, then the baseline: the memory in use before the model is built.
 3. The workload is built (model, optimizer, a fixed seeded random batch: memory and FLOPs do not depend on pixel
@@ -30,7 +30,8 @@ from ..train.build import backbone, image_size
 from ..train.config import TrainConfig
 from ..train.fused import FusedOptimizer, largest_grad_bytes
 from ..train.methods import count_params
-from . import allocator, memory
+from .. import allocator
+from . import memory
 from .flops import count_flops
 
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..allocator import release_freed_memory
 from ..core.moe import set_moe_task
 from ..core.patch import bsr_state, set_keep_rate
 from ..errors import BSRError
@@ -119,6 +120,7 @@ def _setup(cfg: TrainConfig, dp: Group, resume: Optional[str | Path]) -> Run:
                        f"takes an equal slice of every batch")
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    released = cfg.release_memory and release_freed_memory()  # before any model or data is allocated
     if cfg.out is None:
         cfg.out = dp.broadcast(default_out(cfg))  # named after rank 0's clock: ranks may straddle a second
     files = RunFiles(Path(cfg.out), write=dp.is_main)
@@ -161,7 +163,8 @@ def _setup(cfg: TrainConfig, dp: Group, resume: Optional[str | Path]) -> Run:
                warmup=cfg.warmup_steps + round(cfg.warmup_epochs * steps_per_epoch),
                eval_every=cfg.eval_every or steps_per_epoch, progress=state, params=params, tokens=tokens,
                checkpoint=files.out / CHECKPOINT_NAME if saved is not None else None, vals=vals,
-               keep_warmup=round(cfg.keep_warmup_epochs * steps_per_epoch) if bsr_state(backbone(model)) else 0)
+               keep_warmup=round(cfg.keep_warmup_epochs * steps_per_epoch) if bsr_state(backbone(model)) else 0,
+               released=released)
 
 
 def _collect(run: Run, meter: StepMeter, bar: tqdm) -> None:

@@ -26,6 +26,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..allocator import DEFAULT_THRESHOLD
 from ..core.moe import moe_aux_loss
 from ..core.patch import bsr_state, restore
 from ..data import dataset_slug
@@ -146,7 +147,8 @@ def read_report(path: str | Path) -> dict:
 
 
 RUN_FILE_NAMES = (CHECKPOINT_NAME, "config.yaml", "metrics.jsonl", "report.json")
-RESUME_OPTIONS = ("device", "workers", "threads")  # how a run computes, not what: they may change on resume
+# how a run computes, not what: they may change on resume
+RESUME_OPTIONS = ("device", "workers", "threads", "release_memory")
 
 
 def refuse_run_file(run: str | Path, out: str | Path, option: str = "OUT") -> None:
@@ -204,6 +206,7 @@ class Run:
     checkpoint: Optional[Path] = None  # the last good checkpoint, once there is one
     vals: list[DataLoader] = field(default_factory=list)  # validation loaders (`val_fraction` > 0), one per task
     keep_warmup: int = 0  # steps of the keep-rate warm-up (0: constant keep rate)
+    released: bool = False  # glibc's mmap threshold fixed (`bsr.allocator`) for this run
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
         """Cross-entropy of logits (B, C) against labels (B,), plus the MoE load-balancing loss if asked."""
@@ -256,6 +259,8 @@ def build_report(run: Run, step_times: list[float]) -> dict:
         "median_step_time_s": statistics.median(step_times) if step_times else None,
         "images_per_s": cfg.batch_size / statistics.median(step_times) if step_times else None,
         "peak_memory_mib": peak_memory_mib(device),
+        "allocator": {"release_memory": cfg.release_memory, "applied": run.released,
+                      "mmap_threshold": DEFAULT_THRESHOLD if run.released else None},
         "data_parallel": data_parallel_record(run.dp, run.model),
         "config": cfg.to_dict(), **environment(device),
     }
@@ -283,7 +288,7 @@ def summary_lines(report: dict) -> list[str]:
         f"  trainable      {p['trainable']:,} / {p['total']:,} params ({100 * p['trainable'] / p['total']:.1f}%)",
         f"  tokens/block   {format_tokens(tokens)}  (attention/MLP)",
         f"  step time      {step_time}",
-        f"  peak memory    {report['peak_memory_mib']:.0f} MiB",
+        f"  peak memory    {report['peak_memory_mib']:.0f} MiB ({allocator_text(report.get('allocator'))})",
         f"  run dir        {report['config']['out']}",
     ]
     lines[2:2] = [f"    {name:<16} final {t['final']:.2f}%  best {t['best']:.2f}%"  # under the mean's line
@@ -299,6 +304,16 @@ def summary_lines(report: dict) -> list[str]:
         lines.insert(-1, f"  data parallel  {dp['world_size']} processes ({dp['backend']}), "
                          f"{dp['allreduce_bytes_per_step'] / 2**20:.2f} MiB of gradients all-reduced per step")
     return lines
+
+
+def allocator_text(record: Optional[dict]) -> str:
+    """How a run's allocator was set, for its summary."""
+    if record and record["applied"]:
+        return f"glibc mmap threshold fixed at {record['mmap_threshold'] >> 20} MiB; --no-release-memory: glibc's " \
+               f"default"
+    if record and record["release_memory"]:
+        return "glibc's default allocator: the mmap threshold cannot be fixed here (not glibc)"
+    return "glibc's default allocator (--no-release-memory); its heap may keep freed activations"
 
 
 def peak_memory_mib(device: torch.device) -> float:
