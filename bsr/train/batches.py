@@ -98,7 +98,7 @@ def report_skipped(dataset: str, split: str, skipped: list[tuple[str, str]], sho
 
 def train_loader(items: SeededItems, cfg: TrainConfig, epoch: int, skip: int, group: Group) -> DataLoader:
     """This rank's slices of the batches of `epoch` from batch `skip` on."""
-    sampler = EpochBatches(len(items), cfg.batch_size, cfg.seed, epoch, skip, group.rank, group.world_size)
+    sampler = EpochBatches(len(items), cfg.effective_batch, cfg.seed, epoch, skip, group.rank, group.world_size)
     return DataLoader(items, batch_sampler=sampler, num_workers=cfg.workers, pin_memory=group.device.type == "cuda")
 
 
@@ -152,10 +152,11 @@ def build_tasks(cfg: TrainConfig, img_size: int, train: bool = True) -> list[Tas
                     skipped=sum(len(getattr(d, "skipped", [])) for d in (train_set, val_set, test_set)))
         if train:
             task.items = SeededItems(train_set, cfg.seed)
-            task.steps_per_epoch = len(task.items) // cfg.batch_size
+            task.steps_per_epoch = len(task.items) // cfg.effective_batch
             if task.steps_per_epoch == 0:
+                batch = f" x accumulate={cfg.accumulate}" if cfg.accumulate > 1 else ""
                 raise BSRError(f"the training set of {name} has {len(task.items)} images, fewer than "
-                               f"batch_size={cfg.batch_size}")
+                               f"batch_size={cfg.batch_size}{batch}")
         tasks.append(task)
     return tasks
 

@@ -14,6 +14,7 @@ test counts are summed over ranks.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -73,16 +74,22 @@ def train_in_group(cfg: TrainConfig, dp: Group, resume: Optional[str | Path] = N
             images, labels = next(task.batches)
             t0 = time.perf_counter()
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-
-            # forward (loss and top-1 stay on the device: no sync here)
-            with autocast(cfg, device):
-                logits = net(images) if task.index is None else net(images, task.index)
-                loss = run.loss(logits, labels, task)
-            meter.add(state.step, i, loss, logits, labels)
-
-            # backward
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            optimizer.zero_grad(set_to_none=True)  # before the forward: no gradients held through it
+            # --accumulate N: the batch in N micro-batches, each loss scaled 1/N, so the gradients sum to the batch's
+            parts = list(zip(images.chunk(cfg.accumulate), labels.chunk(cfg.accumulate)))
+            losses, outputs = [], []
+            for k, (x, y) in enumerate(parts):
+                # forward (loss and top-1 stay on the device: no sync here)
+                with _no_sync(net, k < len(parts) - 1), autocast(cfg, device):
+                    logits = net(x) if task.index is None else net(x, task.index)
+                    loss = run.loss(logits, y, task)
+                # backward (DDP all-reduces on the last micro-batch only)
+                with _no_sync(net, k < len(parts) - 1):
+                    scaler.scale(loss / len(parts) if len(parts) > 1 else loss).backward()
+                losses.append(loss.detach())
+                outputs.append(logits.detach())
+            meter.add(state.step, i, losses[0] if len(parts) == 1 else torch.stack(losses).mean(),
+                      outputs[0] if len(parts) == 1 else torch.cat(outputs), labels)
 
             # clip (unscale first so the norm is in real units)
             if cfg.clip_grad is not None:
@@ -110,6 +117,11 @@ def train_in_group(cfg: TrainConfig, dp: Group, resume: Optional[str | Path] = N
     report = build_report(run, step_times)
     run.files.report(report)
     return report
+
+
+def _no_sync(net: nn.Module, skip: bool):
+    """DDP's `no_sync` when `skip` (a micro-batch before the last: gradients stay local), else nothing."""
+    return net.no_sync() if skip and hasattr(net, "no_sync") else contextlib.nullcontext()
 
 
 def _setup(cfg: TrainConfig, dp: Group, resume: Optional[str | Path]) -> Run:
