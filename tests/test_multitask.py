@@ -109,7 +109,6 @@ def test_eval_and_export_of_a_multitask_run(tmp_path):
 
 
 @pytest.mark.parametrize("values,match", [
-    (dict(method="lora"), "method=lora is not supported"),
     (dict(num_classes=5), "num_classes does not apply"),
     (dict(layer_decay=0.7), "layer_decay does not apply"),
     (dict(tasks=["mnist", "mnist"]), "names a dataset twice"),

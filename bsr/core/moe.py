@@ -22,6 +22,8 @@ State dict of a MoE layer at block i (everything else keeps timm's keys; `blocks
     blocks.{i}.mlp.b2              (E, C_out)       fc2.bias        (absent if the dense fc2 had no bias)
     blocks.{i}.mlp.gates.{t}.weight (E, C)          router of task t, zero-initialised
     blocks.{i}.mlp.gates.{t}.bias   (E,)
+    blocks.{i}.mlp.lora_a1, lora_b1 (E, r, C), (E, hidden, r)   only after `add_lora`: expert e's fc1 weight is
+    blocks.{i}.mlp.lora_a2, lora_b2 (E, r, hidden), (E, C_out, r)   w1[e] + alpha/r * lora_b1[e] @ lora_a1[e], fc2's too
 
 In a `MultiTaskViT` these keys are prefixed by `backbone.`, and the heads are `heads.{t}.weight` / `heads.{t}.bias`.
 
@@ -149,6 +151,37 @@ class MoEMlp(nn.Module):
             nn.init.zeros_(gate.bias)
         self.task: Optional[int] = None
         self.last_balance_loss: Optional[Tensor] = None
+        self.lora_scale: Optional[float] = None  # alpha / rank once `add_lora` gave the experts low-rank adapters
+
+    def add_lora(self, rank: int, alpha: float) -> None:
+        """LoRA (Hu et al. 2022) on every expert's fc1 and fc2: low-rank factors per expert, A as `nn.Linear`'s
+        default init, B zero (so the output is unchanged until training), scaled by alpha / rank, as peft does. The
+        stacked weights are not touched; the adapters run beside them (no merged weight is materialised).
+        Freezing is the caller's (`bsr.train.methods`)."""
+        if self.lora_scale is not None:
+            raise BSRError("this MoE layer already has LoRA adapters")
+        (e, hidden, c_in), c_out = self.w1.shape, self.w2.shape[1]
+        like = dict(device=self.w1.device, dtype=self.w1.dtype)
+        for name, shape_a, shape_b in (("1", (e, rank, c_in), (e, hidden, rank)), ("2", (e, rank, hidden),
+                                                                                  (e, c_out, rank))):
+            a = nn.Parameter(torch.empty(shape_a, **like))
+            for a_e in a.data:
+                nn.init.kaiming_uniform_(a_e, a=5 ** 0.5)
+            setattr(self, f"lora_a{name}", a)
+            setattr(self, f"lora_b{name}", nn.Parameter(torch.zeros(shape_b, **like)))
+        self.lora_scale = alpha / rank
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """Fold the adapters into the stacked weights (w += alpha/r * B @ A per expert) and remove them."""
+        if self.lora_scale is None:
+            return
+        for name in ("1", "2"):
+            a, b = getattr(self, f"lora_a{name}"), getattr(self, f"lora_b{name}")
+            getattr(self, f"w{name}").add_(torch.bmm(b, a), alpha=self.lora_scale)
+            delattr(self, f"lora_a{name}")
+            delattr(self, f"lora_b{name}")
+        self.lora_scale = None
 
     @classmethod
     def from_mlp(cls, mlp: Mlp, num_experts: int = 16, top_k: int = 4, num_tasks: int = 1,
@@ -216,18 +249,28 @@ class MoEMlp(nn.Module):
         w1, w2 = self.w1.unbind(0), self.w2.unbind(0)  # unbind's backward stacks all grads at once
         b1 = self.b1.unbind(0) if self.b1 is not None else [None] * self.num_experts
         b2 = self.b2.unbind(0) if self.b2 is not None else [None] * self.num_experts
+        lora = ([t.unbind(0) for t in (self.lora_a1, self.lora_b1, self.lora_a2, self.lora_b2)]
+                if self.lora_scale is not None else None)
         outs = []
         for e, chunk in enumerate(torch.split(routed, counts)):
             if counts[e]:
-                outs.append(self._expert(chunk, w1[e], b1[e], w2[e], b2[e]))
+                outs.append(self._expert(chunk, w1[e], b1[e], w2[e], b2[e], [t[e] for t in lora] if lora else None))
         y = torch.cat(outs)  # (T*k, C_out)
         y = y * weights.reshape(-1)[order].to(y.dtype).unsqueeze(1)
         return y.new_zeros(tokens.shape[0], y.shape[1]).index_add_(0, token, y)
 
-    def _expert(self, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor]) -> Tensor:
-        """One expert on its tokens: fc2(drop1(act(fc1(x)))), dropout after as in timm. x: (n, C) -> (n, C_out)."""
-        h = self.drop1(self.act(F.linear(x, w1, b1)))
-        return self.drop2(F.linear(h, w2, b2))
+    def _expert(self, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+                lora: Optional[list[Tensor]] = None) -> Tensor:
+        """One expert on its tokens: fc2(drop1(act(fc1(x)))), dropout after as in timm; with `lora` (this expert's
+        A1, B1, A2, B2) each fc adds alpha/r * B(A(input)). x: (n, C) -> (n, C_out)."""
+        h = F.linear(x, w1, b1)
+        if lora is not None:
+            h = h + F.linear(F.linear(x, lora[0]), lora[1]) * self.lora_scale
+        h = self.drop1(self.act(h))
+        y = F.linear(h, w2, b2)
+        if lora is not None:
+            y = y + F.linear(F.linear(h, lora[2]), lora[3]) * self.lora_scale
+        return self.drop2(y)
 
     def _store_balance_loss(self, logits: Tensor, experts: Tensor) -> None:
         """Keep this forward's balance loss; off the graph when its coefficient is 0, so it costs no memory."""

@@ -21,9 +21,11 @@ from ..train.config import TrainConfig
 LEAN = "bsr-lean"  # method bsr with BSRConfig.preset("lean"), recorded under its own name
 BENCH_METHODS = ("full", "head", "bitfit", "last-k", "lora", "tokendrop", "bsr", LEAN)
 # Multi-task methods (`moe=True`): the MoE ViT trained in full (the baseline), with BSR, with lean BSR; a dense
-# multi-task ViT trained in full. Each maps to (single-task method it applies, whether the backbone has MoE layers).
+# multi-task ViT trained in full (the default four); the MoE ViT with LoRA or BitFit (asked by name). Each maps to
+# (single-task method it applies, whether the backbone has MoE layers).
 MOE_METHODS = {"moe-full": ("full", True), "moe-bsr": ("bsr", True), "moe-bsr-lean": ("bsr", True),
-               "dense-full": ("full", False)}
+               "dense-full": ("full", False), "moe-lora": ("lora", True), "moe-bitfit": ("bitfit", True)}
+MOE_DEFAULT = ("moe-full", "moe-bsr", "moe-bsr-lean", "dense-full")
 LEAN_METHODS = (LEAN, "moe-bsr-lean")
 MOE_TASK = 0  # the task whose batch every measured step trains
 OPTIMIZERS = ("sgd", "adamw")
@@ -49,7 +51,8 @@ class BenchSpec:
     img_size: Optional[int] = _f(None, "image size in pixels (default: the model's)")
     batch_size: int = _f(32, "images per training step")
     methods: Optional[list[str]] = _f(None, f"comma list of methods to compare, from {','.join(BENCH_METHODS)}; "
-                                            f"with --moe from {','.join(MOE_METHODS)} (default: all of them); "
+                                            f"with --moe from {','.join(MOE_METHODS)} (default: all of them; with "
+                                            f"--moe: {','.join(MOE_DEFAULT)}); "
                                             f"METHOD{FUSED}: METHOD with the optimizer step fused into backward")
     steps: int = _f(5, "timed round-robin rounds (one training step of every method each); medians over them")
     warmup: int = _f(1, "untimed rounds before the timed ones, and untimed steps before the memory window")
@@ -88,7 +91,7 @@ class BenchSpec:
 
     def __post_init__(self) -> None:
         if self.methods is None:  # every method of the mode
-            self.methods = list(MOE_METHODS if self.moe else BENCH_METHODS)
+            self.methods = list(MOE_DEFAULT if self.moe else BENCH_METHODS)
         if self.fused_step:  # idempotent: a saved spec (methods already expanded) loads to the same list
             self.methods = list(self.methods) + [m + FUSED for m in self.methods
                                                  if not m.endswith(FUSED) and m + FUSED not in self.methods]

@@ -201,7 +201,8 @@ def build_multitask_model(cfg: TrainConfig, task_classes: Sequence[int], apply: 
         moeify(vit, blocks, cfg.moe_experts, cfg.moe_top_k, len(task_classes), cfg.moe_aux_loss, cfg.moe_router_noise)
     model = MultiTaskViT(vit, list(task_classes))
     if apply:
-        apply_method(model.backbone, cfg.method, bsr=cfg.bsr, last_k=cfg.last_k)
+        apply_method(model.backbone, cfg.method, bsr=cfg.bsr, last_k=cfg.last_k, lora_rank=cfg.lora_rank,
+                     lora_alpha=cfg.lora_alpha, wrap=False)  # lora: adapters inside the backbone, no peft wrapper
         model.heads.requires_grad_(True)
     return model
 

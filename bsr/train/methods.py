@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..core.config import BSRConfig
+from ..core.moe import moe_layers
 from ..core.patch import reprogram
 from ..errors import BSRError
 
@@ -47,10 +48,11 @@ def check_host(model: nn.Module, what: str) -> None:
 
 
 def apply_method(model: nn.Module, method: str, *, bsr: BSRConfig | None = None, last_k: int = 3,
-                 lora_rank: int = 8, lora_alpha: int = 16) -> nn.Module:
+                 lora_rank: int = 8, lora_alpha: int = 16, wrap: bool = True) -> nn.Module:
     """Make `model` train with `method`; returns the model to train (a peft wrapper for lora, else `model`).
 
-    `bsr` gives the BSR options (used by `bsr`, and its drop settings by `tokendrop`).
+    `bsr` gives the BSR options (used by `bsr`, and its drop settings by `tokendrop`). `wrap=False`: lora's adapters
+    go into `model` itself, no peft wrapper (the backbone of a multi-task model).
     """
     bsr = bsr if bsr is not None else BSRConfig()
     check_host(model, f"method={method!r}")
@@ -71,7 +73,7 @@ def apply_method(model: nn.Module, method: str, *, bsr: BSRConfig | None = None,
     if method == "bitfit":
         return _bitfit(model)
     if method == "lora":
-        return _lora(model, lora_rank, lora_alpha)
+        return _lora(model, lora_rank, lora_alpha, wrap)
     raise BSRError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}")
 
 
@@ -80,14 +82,27 @@ def _reprogram(model: nn.Module, config: BSRConfig) -> nn.Module:
 
 
 def _bitfit(model: nn.Module) -> nn.Module:
-    """BitFit (Ben Zaken et al. 2022): every module's own bias, plus the final norm and head."""
+    """BitFit (Ben Zaken et al. 2022): every module's own bias (a MoE layer's: its experts' stacked biases), plus the
+    final norm and head, and the MoE task gates (see `_train_gates`)."""
     model.requires_grad_(False)
     for module in model.modules():
         bias = getattr(module, "bias", None)
         if isinstance(bias, nn.Parameter):
             bias.requires_grad_(True)
+    for layer in moe_layers(model):
+        for bias in (layer.b1, layer.b2):
+            if bias is not None:
+                bias.requires_grad_(True)
     _set_trainable(final_modules(model))
+    _train_gates(model)
     return model
+
+
+def _train_gates(model: nn.Module) -> None:
+    """The task gates of MoE layers train in full under bitfit and lora: like the task heads they are new (zero) and
+    task-specific, and a gate trained through its bias alone could only route every token of a task alike."""
+    for layer in moe_layers(model):
+        layer.gates.requires_grad_(True)
 
 
 def lora_targets(model: nn.Module) -> list[str]:
@@ -101,16 +116,36 @@ def lora_targets(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if id(module) in wanted]
 
 
-def _lora(model: nn.Module, rank: int, alpha: int) -> nn.Module:
-    """LoRA (Hu et al. 2022) through `peft` on the blocks' Linear layers; final norm and head trained in full."""
-    from peft import LoraConfig, get_peft_model
+def _lora(model: nn.Module, rank: int, alpha: int, wrap: bool = True) -> nn.Module:
+    """LoRA (Hu et al. 2022) through `peft` on the blocks' Linear layers; final norm and head trained in full. A MoE
+    layer's stacked expert weights get per-expert adapters of their own (`MoEMlp.add_lora`) and its gates train in
+    full. `wrap=False`: injected into `model` in place (`peft.inject_adapter_in_model`), no wrapper."""
+    from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 
     if rank < 1:
         raise BSRError(f"lora_rank={rank} must be at least 1")
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=lora_targets(model))
-    wrapped = get_peft_model(model, config)
+    wrapped = get_peft_model(model, config) if wrap else inject_adapter_in_model(config, model)  # freezes the rest
+    for layer in moe_layers(model):
+        layer.add_lora(rank, alpha)
     _set_trainable(final_modules(host(wrapped)))  # by hand: peft's modules_to_save would match names
+    _train_gates(model)
     return wrapped
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """`model` with its LoRA adapters folded into the weights: a peft wrapper merged and unloaded, in-place peft
+    layers (see `_lora`'s `wrap=False`) merged and replaced by their base Linear, MoE expert adapters merged."""
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    for name, module in list(model.named_modules()):
+        if type(module).__module__.startswith("peft.") and hasattr(module, "get_base_layer"):  # a peft LoRA layer
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    for layer in moe_layers(model):
+        layer.merge_lora()
+    return model
 
 
 @dataclass

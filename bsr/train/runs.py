@@ -39,7 +39,7 @@ from .build import backbone, setup_model
 from .checkpoint import CHECKPOINT_NAME, load_trainable, read_checkpoint, set_rng_state, unflatten_optimizer
 from .config import TrainConfig, make_config, with_values
 from .distributed import Group
-from .methods import ParamCount, format_tokens
+from .methods import ParamCount, format_tokens, merge_lora
 
 
 class RunFiles:
@@ -257,7 +257,7 @@ def build_report(run: Run, step_times: list[float]) -> dict:
         "params": {"trainable": run.params.trainable, "total": run.params.total},
         "tokens_per_block": [{"attn": a, "mlp": m} for a, m in run.tokens],
         "median_step_time_s": statistics.median(step_times) if step_times else None,
-        "images_per_s": cfg.effective_batch / statistics.median(step_times) if step_times else None,
+        "images_per_s": cfg.batch_size / statistics.median(step_times) if step_times else None,
         "peak_memory_mib": peak_memory_mib(device),
         "allocator": {"release_memory": cfg.release_memory, "applied": run.released,
                       "mmap_threshold": DEFAULT_THRESHOLD if run.released else None},
@@ -393,8 +393,7 @@ def export_weights(run: str | Path, out: str | Path, dtype: str = "fp32") -> dic
 
     refuse_run_file(run, out)
     cfg, model = load_run(run, torch.device("cpu"))
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    model = merge_lora(model)  # peft's layers and the MoE experts' adapters
     if bsr_state(backbone(model)) is not None:
         restore(backbone(model))
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
