@@ -103,7 +103,10 @@ class TrainConfig:
     schedule: str = _f("cosine", "cosine (to --min-lr) or constant, after warm-up")
     epochs: int = _f(3, "training epochs (ignored if --steps is set)")
     steps: Optional[int] = _f(None, "training steps (overrides --epochs)")
-    batch_size: int = _f(32, "training batch size")
+    batch_size: int = _f(32, "training batch size (with --accumulate N: of each of the N micro-batches)")
+    accumulate: int = _f(1, "gradient accumulation: each optimizer step takes N micro-batches of --batch-size images "
+                            "(each loss scaled 1/N), i.e. the step of one batch of N x batch-size images in the same "
+                            "data order, with about 1/N of its activation memory")
     clip_grad: Optional[float] = _f(1.0, "clip the gradient norm to this (none: off)")
     fused_step: bool = _f(False, "step the optimizer inside backward, each parameter as soon as its gradient is "
                                  "ready, and free that gradient at once: no full set of gradients is ever held, the "
@@ -143,7 +146,8 @@ class TrainConfig:
                 raise BSRError(f"{name}={getattr(self, name)!r} is not valid; use one of {', '.join(allowed)}")
         if self.recipe is not None and self.recipe not in RECIPE_NAMES:
             raise BSRError(f"recipe={self.recipe!r} is unknown; use one of {', '.join(RECIPE_NAMES)}")
-        positive = ("batch_size", "epochs", "log_every", "lora_rank", "last_k", "moe_experts", "moe_top_k")
+        positive = ("batch_size", "accumulate", "epochs", "log_every", "lora_rank", "last_k", "moe_experts",
+                    "moe_top_k")
         optional_positive = ("img_size", "patch_size", "num_classes", "limit", "steps", "clip_grad", "layer_decay",
                              "threads")
         for name in positive + optional_positive:
@@ -176,6 +180,9 @@ class TrainConfig:
                 raise BSRError(f"{name}={getattr(self, name)} must have 3 values (R,G,B)")
         if self.tasks is not None:
             self._check_tasks()
+        if self.accumulate > 1 and self.fused_step:
+            raise BSRError(f"accumulate={self.accumulate} sums gradients over micro-batches before the step, but "
+                           f"fused_step steps inside each backward; drop one of them")
         if self.fused_step:
             self._check_fused_step()
 
@@ -208,6 +215,11 @@ class TrainConfig:
         if self.amp == "fp16":
             raise BSRError("fused_step cannot use fp16's loss scaling (it checks every gradient for inf before any "
                            "update); use --amp bf16 or off")
+
+    @property
+    def effective_batch(self) -> int:
+        """Images per optimizer step: `batch_size` times `accumulate`."""
+        return self.batch_size * self.accumulate
 
     @property
     def task_names(self) -> list[str]:

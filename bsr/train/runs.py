@@ -257,7 +257,7 @@ def build_report(run: Run, step_times: list[float]) -> dict:
         "params": {"trainable": run.params.trainable, "total": run.params.total},
         "tokens_per_block": [{"attn": a, "mlp": m} for a, m in run.tokens],
         "median_step_time_s": statistics.median(step_times) if step_times else None,
-        "images_per_s": cfg.batch_size / statistics.median(step_times) if step_times else None,
+        "images_per_s": cfg.effective_batch / statistics.median(step_times) if step_times else None,
         "peak_memory_mib": peak_memory_mib(device),
         "allocator": {"release_memory": cfg.release_memory, "applied": run.released,
                       "mmap_threshold": DEFAULT_THRESHOLD if run.released else None},
