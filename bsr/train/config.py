@@ -112,6 +112,9 @@ class TrainConfig:
                                  "ready, and free that gradient at once: no full set of gradients is ever held, the "
                                  "updates are the same (bsr.train.fused). Needs --clip-grad none (no global norm "
                                  "exists to clip by); not with --amp fp16 or torchrun")
+    optimizer_state: str = _f("fp32", "dtype of SGD's momentum and Adam's first moment between steps: fp32, or bf16 "
+                                      "(half their bytes; each update runs in fp32 and is rounded back; Adam's second "
+                                      "moment stays fp32), see bsr.train.fused")
     label_smoothing: float = _f(0.0, "label smoothing of the cross-entropy")
     amp: str = _f("off", "mixed precision: off, bf16 or fp16")
     grad_checkpointing: bool = _f(False, "recompute activations in backward (timm's gradient checkpointing)")
@@ -140,7 +143,7 @@ class TrainConfig:
     def _check_values(self) -> None:
         self._check_finite()
         choices = {"method": METHODS, "optimizer": ("sgd", "adamw"), "amp": ("off", "bf16", "fp16"),
-                   "schedule": ("cosine", "constant")}
+                   "schedule": ("cosine", "constant"), "optimizer_state": ("fp32", "bf16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise BSRError(f"{name}={getattr(self, name)!r} is not valid; use one of {', '.join(allowed)}")

@@ -1,4 +1,5 @@
-"""The optimizer step fused into backward (`TrainConfig.fused_step`; in `bsr bench`, methods named `METHOD+fused`).
+"""Per-parameter optimizers: the step fused into backward (`TrainConfig.fused_step`; in `bsr bench`, methods named
+`METHOD+fused`) and the optimizer state in bf16 (`TrainConfig.optimizer_state`).
 
 A usual training step holds every trainable parameter's gradient until `optimizer.step()`: for BSR on the ViT-B/16
 MoE model that is 892 MiB of its 3,757 MiB peak (BENCHMARKS.md). Here each trainable parameter gets an optimizer of
@@ -18,7 +19,14 @@ loss scaling (one inf check over every gradient), data parallel (DDP's all-reduc
 `FusedOptimizer` stands where a `torch.optim.Optimizer` does in the loop, bench and checkpoints: `param_groups` (one
 per parameter; the loop writes the scheduled lr into each), `state`, `zero_grad`, `step` (nothing is left to do by
 then), and `state_dict`/`load_state_dict` in the unfused optimizer's exact layout, so a checkpoint resumes with or
-without the option.
+without the option. With `in_backward=False` the same per-parameter optimizers are stepped one after the other by
+`step()` instead.
+
+bf16 state (`SGDBf16State`, `AdamWBf16State`): SGD's momentum and Adam's first moment are kept in bf16 between steps
+(half their bytes); each step runs torch's own update on an fp32 copy of one parameter's state, rounded back to
+nearest after, so the fp32 transient is one parameter's. Adam's second moment stays fp32: with beta2 = 0.999 its
+per-step change (0.1%) is below bf16's resolution (0.4%), so rounding to nearest would freeze it. The trajectory
+differs from fp32 by the rounding only; tests/test_fused.py bounds it.
 """
 
 from __future__ import annotations
@@ -56,8 +64,9 @@ class FusedOptimizer:
     momentum=..)`. Hooks are registered on the parameters here and stay until `remove()`.
     """
 
-    def __init__(self, groups: list[dict], make: MakeOptimizer):
-        check_single_process()
+    def __init__(self, groups: list[dict], make: MakeOptimizer, in_backward: bool = True):
+        if in_backward:
+            check_single_process()
         self.layout: list[list[torch.optim.Optimizer]] = []  # per param group: its parameters' optimizers, in order
         self._handles = []
         for group in groups:
@@ -65,10 +74,12 @@ class FusedOptimizer:
             row = []
             for p in group["params"]:
                 optimizer = make([{**options, "params": [p]}])
-                self._handles.append(p.register_post_accumulate_grad_hook(partial(_step_and_free, optimizer)))
+                if in_backward:
+                    self._handles.append(p.register_post_accumulate_grad_hook(partial(_step_and_free, optimizer)))
                 row.append(optimizer)
             self.layout.append(row)
         self.optimizers = [o for row in self.layout for o in row]
+        self.in_backward = in_backward
 
     @property
     def param_groups(self) -> list[dict]:
@@ -81,9 +92,13 @@ class FusedOptimizer:
         return {p: s for o in self.optimizers for p, s in o.state.items()}
 
     def step(self, closure: Optional[Callable] = None) -> None:
-        """Nothing to do: every parameter with a gradient was stepped during backward."""
+        """In backward: nothing to do, every parameter with a gradient was stepped then. Otherwise each parameter's
+        optimizer in turn (one skips a parameter without gradient, as torch's does)."""
         if closure is not None:
-            raise BSRError("fused_step steps inside backward; a closure that re-evaluates the loss is not supported")
+            raise BSRError("per-parameter optimizers take no closure that re-evaluates the loss")
+        if not self.in_backward:
+            for optimizer in self.optimizers:
+                optimizer.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop any gradient left (the hooks free theirs; one can remain only if a backward was cut short)."""
@@ -135,3 +150,34 @@ def largest_grad_bytes(optimizer: FusedOptimizer) -> int:
     few others computed by the same autograd node, e.g. a Linear's weight and bias)."""
     sizes = [p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"]]
     return max(sizes, default=0)
+
+
+# ------------------------------------------------------------------------------------------------- bf16 state
+
+
+class _Bf16State:
+    """Mixin for a torch optimizer of one parameter: `KEYS` of its state kept in bf16 between steps (see the module's
+    docstring); a state loaded from a checkpoint (torch casts it to the parameter's dtype) is rounded at the first
+    step, which changes nothing (the values came from bf16)."""
+
+    KEYS = ("momentum_buffer", "exp_avg")
+
+    def step(self, closure: Optional[Callable] = None):
+        for state in self.state.values():
+            for key in self.KEYS:
+                if key in state:
+                    state[key] = state[key].float()
+        loss = super().step(closure)
+        for state in self.state.values():
+            for key in self.KEYS:
+                if key in state:
+                    state[key] = state[key].to(torch.bfloat16)
+        return loss
+
+
+class SGDBf16State(_Bf16State, torch.optim.SGD):
+    """`torch.optim.SGD` whose momentum buffer is bf16 between steps."""
+
+
+class AdamWBf16State(_Bf16State, torch.optim.AdamW):
+    """`torch.optim.AdamW` whose first moment is bf16 between steps (the second stays fp32)."""

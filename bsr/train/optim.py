@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import BSRError
 from .config import TrainConfig
-from .fused import FusedOptimizer
+from .fused import AdamWBf16State, FusedOptimizer, SGDBf16State
 from .methods import host
 
 
@@ -39,7 +39,8 @@ def keep_rate_at(step: int, keep_rate: float, warmup_steps: int) -> float:
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer | FusedOptimizer:
     """SGD or AdamW over the trainable parameters; no decay on 1-D params/pos_embed/cls_token; layer-wise lr scales.
-    With `cfg.fused_step`, one such optimizer per parameter, stepped inside backward (`bsr.train.fused`)."""
+    With `cfg.fused_step`, one such optimizer per parameter, stepped inside backward (`bsr.train.fused`); with
+    `cfg.optimizer_state` bf16, one per parameter too, whose momentum / first moment is bf16 between steps."""
     from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
     vit = host(model)  # timm's helpers read the ViT's own names and group_matcher, not peft's prefixes
@@ -51,11 +52,14 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise BSRError(f"method={cfg.method!r} leaves nothing to train")
+    bf16 = cfg.optimizer_state == "bf16"
     if cfg.optimizer == "sgd":
-        make = partial(torch.optim.SGD, lr=cfg.lr, momentum=cfg.momentum)
+        make = partial(SGDBf16State if bf16 else torch.optim.SGD, lr=cfg.lr, momentum=cfg.momentum)
     else:
-        make = partial(torch.optim.AdamW, lr=cfg.lr)
-    return FusedOptimizer(groups, make) if cfg.fused_step else make(groups)  # fused: stepped inside backward
+        make = partial(AdamWBf16State if bf16 else torch.optim.AdamW, lr=cfg.lr)
+    if cfg.fused_step or bf16:  # one optimizer per parameter: stepped inside backward, or one after the other
+        return FusedOptimizer(groups, make, in_backward=cfg.fused_step)
+    return make(groups)
 
 
 def autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
