@@ -146,7 +146,8 @@ def render_markdown(result: BenchResult, compare: bool = False) -> str:
              *_multitask_lines(spec),
              f"- ratios are {baseline}/method from this run, baseline **{baseline}** (higher is better for the "
              f"method)" + (f"; `(same option)` columns: against {baseline}{FUSED} for a `{FUSED}` method (the "
-                           f"optimizer step fused into backward, gradients freed as they are used)"
+                           f"optimizer step fused into backward, gradients freed as they are used; its grads MiB: the "
+                           f"largest gradient, the most it holds at once)"
                            if any(r.get("fused_step") for r in records) else ""), "",
              "## Memory", "", *memory_table(records), "",
              "## Compute and time", "", *compute_table(records), "",
