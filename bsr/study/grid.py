@@ -190,8 +190,9 @@ def _grid(data: dict, quick: bool, source: str) -> _Grid:
         if bad:
             raise BSRError(f"{source}: unknown key sweep.{bad[0]}; sweep may set lr (a list) and seed")
         _lrs(grid.sweep.get("lr"), f"{source}: sweep.lr")
-        if not isinstance(grid.sweep.get("seed", 0), int):
-            raise BSRError(f"{source}: sweep.seed must be an integer")
+        seed = grid.sweep.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63:
+            raise BSRError(f"{source}: sweep.seed={seed!r} must be an integer in [0, 2**63), e.g. 0")
     return grid
 
 
