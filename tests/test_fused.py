@@ -227,3 +227,21 @@ def test_bench_measures_each_method_with_and_without_the_fused_step(tmp_path):
     again = BenchSpec.from_dict(flags_to_values(build_parser().parse_args(words[1:]),
                                                 ignore=("command", "run", "out", "compare_analytic", "in_process")))
     assert again.to_dict() == spec.to_dict()
+
+
+def test_bench_bf16_state_halves_the_momentum_and_unknown_options_are_refused():
+    from bsr.measure.bench import run_bench
+    from bsr.measure.bench_spec import BenchSpec
+
+    spec = BenchSpec(model="vit_micro_patch4_28", img_size=16, batch_size=4, moe=True, num_tasks=2, moe_experts=4,
+                     moe_top_k=2, methods=["moe-full", "moe-full+bf16", "moe-bsr+fused+bf16", "moe-full+fused+bf16"],
+                     steps=1, warmup=1, threads=1, matmul_size=128)
+    r = {x["method"]: x for x in run_bench(spec, isolate=False).records}
+    full, half = r["moe-full"], r["moe-full+bf16"]
+    assert half["bf16_state"] and not half["fused_step"] and half["grad_bytes"] == full["grad_bytes"]
+    assert half["optimizer_bytes"] == full["optimizer_bytes"] / 2  # bf16 momentum
+    bsr = r["moe-bsr+fused+bf16"]
+    assert bsr["ratio_vs_same_option"]["flops"] == r["moe-full+fused+bf16"]["train_flops_per_step"] / bsr[
+        "train_flops_per_step"]
+    with pytest.raises(BSRError, match="unknown method option '\\+fp8'"):
+        BenchSpec(moe=True, methods=["moe-bsr+fp8"]).check()

@@ -44,12 +44,12 @@ from ..core.moe import moe_layers
 from ..errors import BSRError
 from ..train import pick_device, setup_model
 from ..train.build import backbone
-from ..train.fused import FusedOptimizer
+from ..train.fused import AdamWBf16State, FusedOptimizer, SGDBf16State
 from ..train.methods import tokens_per_block
 from ..version import __version__
 from . import flops, memory
-from .bench_spec import (FUSED, MIB, MOE_METHODS, MOE_TASK, RECORD_PREFIX, BenchSpec, base_method, bench_config,
-                         is_fused, meta_model, method_config)
+from .bench_spec import (MIB, MOE_METHODS, MOE_TASK, RECORD_PREFIX, BenchSpec, base_method, bench_config,
+                         has_bf16_state, is_fused, meta_model, method_config, method_options)
 from .protocol import Workload, measure_training, prepare_process, random_batch, release_memory, sync
 
 Log = Callable[[str], None]
@@ -94,15 +94,18 @@ def image_size(model: nn.Module) -> int:
     return int(bench_host(model).patch_embed.img_size[0])
 
 
-def make_optimizer(spec: BenchSpec, model: nn.Module, fused: bool = False) -> torch.optim.Optimizer | FusedOptimizer:
+def make_optimizer(spec: BenchSpec, model: nn.Module, fused: bool = False,
+                   bf16: bool = False) -> torch.optim.Optimizer | FusedOptimizer:
     """SGD with momentum (the paper's ViT-B recipe) or AdamW over the trainable parameters, no weight decay; `fused`:
-    one per parameter, stepped inside backward (`bsr.train.fused`)."""
+    one per parameter, stepped inside backward; `bf16`: momentum / first moment in bf16 (`bsr.train.fused`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.optimizer == "adamw":
-        make = partial(torch.optim.AdamW, lr=spec.lr, weight_decay=0.0)
+        make = partial(AdamWBf16State if bf16 else torch.optim.AdamW, lr=spec.lr, weight_decay=0.0)
     else:
-        make = partial(torch.optim.SGD, lr=spec.lr, momentum=spec.momentum)
-    return FusedOptimizer([{"params": params}], make) if fused else make(params)
+        make = partial(SGDBf16State if bf16 else torch.optim.SGD, lr=spec.lr, momentum=spec.momentum)
+    if fused or bf16:
+        return FusedOptimizer([{"params": params}], make, in_backward=fused)
+    return make(params)
 
 
 
@@ -110,7 +113,8 @@ def workload(spec: BenchSpec, name: str, device: torch.device) -> Workload:
     """Method `name`'s training step: its model, `make_optimizer`, cross-entropy on the seeded random batch."""
     model = build(spec, name, device)
     images, labels = random_batch(spec.batch_size, image_size(model), spec.num_classes, spec.seed, device)
-    return Workload(model, make_optimizer(spec, model, is_fused(name)), lambda: F.cross_entropy(model(images), labels),
+    optimizer = make_optimizer(spec, model, is_fused(name), has_bf16_state(name))
+    return Workload(model, optimizer, lambda: F.cross_entropy(model(images), labels),
                     bench_host(model), images)
 
 
@@ -283,16 +287,16 @@ def versions() -> dict:
 def add_ratios(records: list[dict], baseline: str = "full") -> None:
     """Ratios baseline/method of memory, time and FLOPs (`ratio_vs_baseline`, and the `baseline` method's name), from
     the baseline record of the same run (None without one): `full`, or `moe-full` for the multi-task run. Also
-    `ratio_vs_same_option`: against the baseline given the same option (`full+fused` for a `+fused` method), so that
-    the fused step's own saving is not mistaken for the method's."""
+    `ratio_vs_same_option`: against the baseline given the same options (`full+fused` for `bsr+fused`), so that an
+    optimizer option's own saving is not mistaken for the method's."""
     by_name = {r["method"]: r for r in records}
+    same = {method_options(r["method"]): r for r in records if base_method(r["method"]) == baseline}
     keys = {"train_peak": "train_peak_bytes", "saved_activation": "saved_activation_bytes",
             "step_time": "step_time_median_s", "flops": "train_flops_per_step"}
     for r in records:
         r["baseline"] = baseline
         for field, base in (("ratio_vs_baseline", by_name.get(baseline)),
-                            ("ratio_vs_same_option", by_name.get(baseline + FUSED if is_fused(r["method"]) else
-                                                                 baseline))):
+                            ("ratio_vs_same_option", same.get(method_options(r["method"])))):
             r[field] = {k: (base[key] / r[key] if base is not None and r[key] else None) for k, key in keys.items()}
         r["train_over_infer_peak"] = r["train_peak_bytes"] / r["infer_peak_bytes"] if r["infer_peak_bytes"] else None
 
@@ -334,7 +338,8 @@ def run_bench(spec: BenchSpec, *, command: Optional[str] = None, isolate: bool =
         moe = {"tasks": spec.num_tasks, "task": MOE_TASK, "experts": spec.moe_experts, "top_k": spec.moe_top_k,
                "has_moe_layers": MOE_METHODS[base_method(name)][1]} if spec.moe else None
         records.append({"method": name, "model": spec.model, "batch_size": spec.batch_size,
-                        "optimizer": spec.optimizer, "fused_step": is_fused(name), "multitask": moe, **record,
+                        "optimizer": spec.optimizer, "fused_step": is_fused(name),
+                        "bf16_state": has_bf16_state(name), "multitask": moe, **record,
                         "bsr_config": config.to_dict() if uses_bsr else None,
                         **analytic_fields(spec, name, record["tokens"])})
 

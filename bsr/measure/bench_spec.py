@@ -29,7 +29,10 @@ MOE_DEFAULT = ("moe-full", "moe-bsr", "moe-bsr-lean", "dense-full")
 LEAN_METHODS = (LEAN, "moe-bsr-lean")
 MOE_TASK = 0  # the task whose batch every measured step trains
 OPTIMIZERS = ("sgd", "adamw")
-FUSED = "+fused"  # suffix of a method name: the same method with the optimizer step fused into backward
+# Suffixes of a method name, each an optimizer option of the same method (`bsr.train.fused`), e.g. moe-bsr+fused+bf16:
+FUSED = "+fused"  # the optimizer step fused into backward, each gradient freed once used
+BF16_STATE = "+bf16"  # SGD's momentum / Adam's first moment in bf16 between steps (TrainConfig.optimizer_state)
+OPTION_SUFFIXES = (FUSED, BF16_STATE)
 RECORD_PREFIX = "BSR_BENCH_RECORD "  # marks the worker's result line on stdout (libraries may print too)
 MIB = 2 ** 20
 
@@ -53,7 +56,9 @@ class BenchSpec:
     methods: Optional[list[str]] = _f(None, f"comma list of methods to compare, from {','.join(BENCH_METHODS)}; "
                                             f"with --moe from {','.join(MOE_METHODS)} (default: all of them; with "
                                             f"--moe: {','.join(MOE_DEFAULT)}); "
-                                            f"METHOD{FUSED}: METHOD with the optimizer step fused into backward")
+                                            f"METHOD{FUSED}: with the optimizer step fused into backward; "
+                                            f"METHOD{BF16_STATE}: with the momentum in bf16 (both: METHOD{FUSED}"
+                                            f"{BF16_STATE})")
     steps: int = _f(5, "timed round-robin rounds (one training step of every method each); medians over them")
     warmup: int = _f(1, "untimed rounds before the timed ones, and untimed steps before the memory window")
     memory_steps: int = _f(1, "training steps inside the peak-memory window, after warm-up (each has the same "
@@ -94,7 +99,7 @@ class BenchSpec:
             self.methods = list(MOE_DEFAULT if self.moe else BENCH_METHODS)
         if self.fused_step:  # idempotent: a saved spec (methods already expanded) loads to the same list
             self.methods = list(self.methods) + [m + FUSED for m in self.methods
-                                                 if not m.endswith(FUSED) and m + FUSED not in self.methods]
+                                                 if not is_fused(m) and m + FUSED not in self.methods]
 
     @property
     def baseline(self) -> str:
@@ -104,6 +109,9 @@ class BenchSpec:
     def check(self) -> None:
         """Raise a one-line `BSRError` for anything that would fail later, before any process is started."""
         known = list(MOE_METHODS) if self.moe else list(BENCH_METHODS)
+        suffixes = [o for m in self.methods for o in method_options(m) if o not in OPTION_SUFFIXES]
+        if suffixes:
+            raise BSRError(f"unknown method option {suffixes[0]!r}; a method name takes {', '.join(OPTION_SUFFIXES)}")
         unknown = [m for m in self.methods if base_method(m) not in known]
         if unknown or not self.methods:
             other = " (without --moe)" if self.moe else " (or --moe for the multi-task methods)"
@@ -149,18 +157,28 @@ class BenchSpec:
 
 
 def base_method(name: str) -> str:
-    """A bench method name without its `+fused` suffix."""
-    return name[:-len(FUSED)] if name.endswith(FUSED) else name
+    """A bench method name without its option suffixes (`moe-bsr+fused+bf16` -> `moe-bsr`)."""
+    return name.split("+", 1)[0]
+
+
+def method_options(name: str) -> frozenset[str]:
+    """The option suffixes of a bench method name (`moe-bsr+fused+bf16` -> {"+fused", "+bf16"})."""
+    return frozenset("+" + o for o in name.split("+")[1:])
 
 
 def is_fused(name: str) -> bool:
     """Whether bench method `name` steps the optimizer inside backward (`bsr.train.fused`)."""
-    return name.endswith(FUSED)
+    return FUSED in method_options(name)
+
+
+def has_bf16_state(name: str) -> bool:
+    """Whether bench method `name` keeps its momentum / first moment in bf16 (`bsr.train.fused`)."""
+    return BF16_STATE in method_options(name)
 
 
 def method_config(spec: BenchSpec, name: str) -> tuple[str, BSRConfig]:
     """(method for `apply_method`, its BSR options) of a bench method name; `bsr-lean` is bsr with the lean preset,
-    a multi-task name maps to the single-task method it applies (`MOE_METHODS`), `+fused` changes neither."""
+    a multi-task name maps to the single-task method it applies (`MOE_METHODS`), option suffixes change neither."""
     name = base_method(name)
     method = MOE_METHODS[name][0] if name in MOE_METHODS else name
     try:

@@ -119,7 +119,7 @@ def measure_training(build: Callable[[], Workload], device: torch.device, warmup
 def grad_bytes(work: Workload) -> int:
     """Bytes of the gradients a step holds at once: all of them, or with the step fused into backward
     (`bsr.train.fused`) the largest one, each being freed once its parameter is updated."""
-    if isinstance(work.optimizer, FusedOptimizer):
+    if isinstance(work.optimizer, FusedOptimizer) and work.optimizer.in_backward:
         return largest_grad_bytes(work.optimizer)
     return memory.grad_bytes(work.model)
 

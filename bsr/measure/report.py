@@ -12,7 +12,7 @@ from typing import Optional
 
 from ..train.methods import format_tokens
 from .bench import BenchResult
-from .bench_spec import FUSED, MIB, base_method
+from .bench_spec import BF16_STATE, FUSED, MIB, base_method
 
 HIGHLIGHT = ("bsr", "bsr-lean", "moe-bsr", "moe-bsr-lean")
 
@@ -38,10 +38,15 @@ def _ratios(r: dict) -> dict:
 def _same_option(records: list[dict], kind: str) -> Optional[tuple[str, list[str]]]:
     """With `+fused` methods in the run: (header, cells) of the `kind` ratio against the baseline given the same
     option (`full+fused` for a fused method), so that the fused step's own saving is not read as the method's."""
-    if not any(r.get("fused_step") for r in records):
+    if not _with_options(records):
         return None
     return (f"{baseline_of(records)}(same option)/x",
             [_ratio((r.get("ratio_vs_same_option") or {}).get(kind)) for r in records])
+
+
+def _with_options(records: list[dict]) -> bool:
+    """Whether any record used an optimizer option (`+fused`, `+bf16`)."""
+    return any(r.get("fused_step") or r.get("bf16_state") for r in records)
 
 
 def _name(r: dict) -> str:
@@ -145,10 +150,10 @@ def render_markdown(result: BenchResult, compare: bool = False) -> str:
                 if spec.get("mmap_threshold") else "glibc's default (dynamic; its heap may keep freed activations)"),
              *_multitask_lines(spec),
              f"- ratios are {baseline}/method from this run, baseline **{baseline}** (higher is better for the "
-             f"method)" + (f"; `(same option)` columns: against {baseline}{FUSED} for a `{FUSED}` method (the "
-                           f"optimizer step fused into backward, gradients freed as they are used; its grads MiB: the "
-                           f"largest gradient, the most it holds at once)"
-                           if any(r.get("fused_step") for r in records) else ""), "",
+             f"method)" + (f"; `(same option)` columns: against {baseline} with the method's options: `{FUSED}` "
+                           f"(the optimizer step fused into backward, gradients freed as they are used; its grads "
+                           f"MiB: the largest gradient, the most it holds at once), `{BF16_STATE}` (momentum in bf16)"
+                           if _with_options(records) else ""), "",
              "## Memory", "", *memory_table(records), "",
              "## Compute and time", "", *compute_table(records), "",
              "## Saved for backward, MiB per part", "", *saved_by_block_table(records), "",
