@@ -1,4 +1,5 @@
-"""The `bsr` command: `bsr train`, `eval`, `export`, `predict`, `bench`, `study` and `show-tokens`, one module each.
+"""The `bsr` command: `bsr train`, `eval`, `export`, `predict`, `plan`, `bench`, `study` and `show-tokens`, one module
+each.
 
 The CLI only parses and calls the library; each command module registers its parser (`add`) and runs it (`run`), and
 no command module imports another. Flags of `train` and `bench` are generated from the dataclass fields of their
@@ -20,6 +21,7 @@ from ..version import __version__
 from . import bench as _bench
 from . import eval as _eval
 from . import export as _export
+from . import plan as _plan
 from . import predict as _predict
 from . import study as _study
 from . import train as _train
@@ -28,7 +30,8 @@ from . import weights as _weights
 EXIT_USER_ERROR = 2
 EXIT_BUG = 1
 REPORT_AT = "the project's issue tracker (README: Errors and reporting a bug)"
-COMMANDS = (_train, _eval, _export, _predict, _bench, _study, _weights)  # in help order; each has add(subparsers)
+# in help order; each has add(subparsers)
+COMMANDS = (_train, _eval, _export, _predict, _plan, _bench, _study, _weights)
 
 
 def build_parser() -> argparse.ArgumentParser:

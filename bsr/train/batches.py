@@ -106,9 +106,14 @@ def test_loader(test_set: Dataset, cfg: TrainConfig, device: torch.device, group
     """The test set in order; in a group, this rank's contiguous slice of it (every image on exactly one rank)."""
     if group is not None and group.enabled:
         test_set = Subset(test_set, group.shard(len(test_set)))
-    return DataLoader(test_set, batch_size=max(cfg.batch_size, 256), shuffle=False, num_workers=cfg.workers,
+    return DataLoader(test_set, batch_size=eval_batch(cfg), shuffle=False, num_workers=cfg.workers,
                       pin_memory=device.type == "cuda")
 
+
+
+def eval_batch(cfg: TrainConfig) -> int:
+    """Images per evaluation batch: `eval_batch_size`, else the larger of `batch_size` and 256."""
+    return cfg.eval_batch_size or max(cfg.batch_size, 256)
 
 
 def iterate_batches(items: SeededItems, cfg: TrainConfig, group: Group, start: int,

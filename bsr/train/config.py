@@ -121,6 +121,8 @@ class TrainConfig:
     # run
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
     eval_every: int = _f(0, "evaluate and checkpoint every N steps (0: every epoch)")
+    eval_batch_size: Optional[int] = _f(None, "evaluation batch size (default: the larger of --batch-size and 256); "
+                                              "a smaller one lowers the evaluation's memory peak")
     log_every: int = _f(10, "write a metrics line every N steps (loss and train top-1: means over those steps)")
     workers: int = _f(0, "data loader worker processes")
     out: Optional[str] = _f(None, "run directory (default: runs/<method>-<dataset>-<time>)")
@@ -152,6 +154,7 @@ class TrainConfig:
         positive = ("batch_size", "accumulate", "epochs", "log_every", "lora_rank", "last_k", "moe_experts",
                     "moe_top_k")
         optional_positive = ("img_size", "patch_size", "num_classes", "limit", "steps", "clip_grad", "layer_decay",
+                             "eval_batch_size",
                              "threads")
         for name in positive + optional_positive:
             value = getattr(self, name)

@@ -52,7 +52,7 @@ def evaluate_run(run: str | Path, dataset: Optional[str] = None, data_dir: Optio
     if cfg.tasks and dataset is not None:
         raise BSRError(f"run {run} is multi-task ({','.join(cfg.tasks)}): it is evaluated on its own tasks; drop "
                        f"--dataset")
-    changes = {"dataset": dataset, "data_dir": data_dir, "limit": limit, "batch_size": batch_size}
+    changes = {"dataset": dataset, "data_dir": data_dir, "limit": limit, "eval_batch_size": batch_size}
     cfg = with_values(cfg, **{key: value for key, value in changes.items() if value is not None})
     if not cfg.tasks and dataset_info(cfg.dataset).num_classes != host(model).num_classes:
         raise BSRError(f"dataset {cfg.dataset!r} has {dataset_info(cfg.dataset).num_classes} classes but the "

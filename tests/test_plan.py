@@ -1,0 +1,137 @@
+"""The memory model and the planner (issue 12): the traced step counts what a real step saves and computes, plans are
+ordered by expected accuracy at the largest micro-batch that fits, and `bsr train --memory-budget` trains the first
+option that passes its real measured step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import bsr.cli.train as cli_train
+import bsr.measure.plan as plan_mod
+from bsr.cli import EXIT_USER_ERROR, main
+from bsr.errors import BSRError
+from bsr.measure import count_flops, saved_tensor_bytes
+from bsr.measure.overhead import Overhead
+from bsr.measure.plan import Planner, families, flags_text, micro_batches, parse_size
+from bsr.measure.trace import trace_config, training_step
+from bsr.train import build_optimizer, make_config, setup_model
+from bsr.train.build import backbone
+
+MICRO = dict(model="vit_micro_patch4_28", checkpoint="none", threads=1, optimizer="sgd", weight_decay=0.0,
+             clip_grad=None)
+NO_OVERHEAD = Overhead("test", 0, {"fp32": 0, "bf16": 0}, "now", [])
+
+
+@pytest.mark.parametrize("bsr", [None, {"preset": "lean"}])
+@pytest.mark.parametrize("method", ["full", "bsr", "lora"])
+def test_the_trace_counts_saved_bytes_and_flops_as_a_real_step_does(method, bsr):
+    if bsr and method != "bsr":
+        pytest.skip("presets are BSR's")
+    cfg = make_config({**MICRO, "method": method, "batch_size": 8, **({"bsr": bsr} if bsr else {})})
+    traced = trace_config(cfg, 10)
+    model = setup_model(cfg, torch.device("cpu"), 10).train()
+    images, labels = torch.randn(8, 3, 28, 28), torch.randint(0, 10, (8,))
+    saved = saved_tensor_bytes(lambda: nn.functional.cross_entropy(model(images), labels), model=backbone(model))
+    assert traced.saved_bytes == saved.total
+    assert traced.saved_by_block == {k: v for k, v in saved.by_block.items() if v}
+    optimizer = build_optimizer(cfg, model)
+    flops = count_flops(lambda: training_step(model, optimizer, nn.CrossEntropyLoss(), images, labels, cfg))
+    assert traced.train_flops == flops
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert traced.param_bytes == params and traced.step_peak_bytes > params + traced.saved_bytes
+
+
+def test_accumulation_lowers_the_traced_peak_and_keeps_the_flops():
+    big = trace_config(make_config({**MICRO, "batch_size": 32}), 10)
+    small = trace_config(make_config({**MICRO, "batch_size": 8, "accumulate": 4}), 10)
+    assert small.step_peak_bytes < big.step_peak_bytes
+    assert small.saved_bytes * 4 == pytest.approx(big.saved_bytes, abs=4096)  # per image; the loss saves a few bytes
+    assert small.train_flops == big.train_flops
+
+
+@pytest.mark.parametrize("text,size", [("1.5GiB", 3 << 29), ("800MiB", 800 << 20), ("2G", 2 << 30),
+                                       ("1GB", 10 ** 9), ("4096", 4096), (" 512 kib ", 512 << 10)])
+def test_budget_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1G", "1.5 parsecs", "0MiB"])
+def test_bad_budget_sizes_are_refused(text):
+    with pytest.raises(BSRError, match="not a size"):
+        parse_size(text)
+
+
+def test_families_follow_the_studys_evidence():
+    cfg = make_config({**MICRO})
+    names = [(tier, label) for tier, label, _ in families(cfg, 12)]
+    assert [t for t, _ in names] == [0, 0, 1, 2, 3]
+    assert names[1][1].startswith("lean preset") and "keep rate 0.3" in names[2][1]
+    assert "7,11 (not 3)" in names[3][1] and "block 11 only" in names[4][1]
+    assert [t for t, _, _ in families(make_config({**MICRO, "method": "full"}), 12)] == [0]
+    assert micro_batches(32) == [32, 16, 8, 4, 2, 1] and micro_batches(24) == [24, 12, 6, 3, 1]
+
+
+def synthetic(monkeypatch, per_image: dict[str, int]) -> None:
+    """Planners whose predicted peak is 100 MiB + per_image[kind] MiB per micro-batch image, kind "paper", "lean" or
+    "cut" (fewer trainable blocks, lower keep rate), with no machine overhead."""
+    monkeypatch.setattr(plan_mod, "overhead", lambda *a, **k: NO_OVERHEAD)
+    trace = trace_config(make_config({**MICRO, "batch_size": 1}), 10, flops=False, eval_batch=1)
+
+    def predict(self, cfg, flops=False):
+        kind = "lean" if cfg.bsr.recompute != "none" else "paper"
+        if cfg.bsr.keep_rate != 0.5 or list(cfg.bsr.trainable_blocks) != [3, 7, 11]:
+            kind = "cut"
+        return trace, (100 + per_image[kind] * cfg.batch_size) << 20
+
+    monkeypatch.setattr(Planner, "predict", predict)
+
+
+def test_the_plan_takes_the_largest_micro_batch_that_fits_in_the_order_of_expected_accuracy(monkeypatch):
+    synthetic(monkeypatch, {"paper": 10, "lean": 4, "cut": 3})
+    planner = Planner(make_config({**MICRO, "batch_size": 32}))
+    options = planner.plan(parse_size("300MiB"))  # paper fits 20 images, lean 50, the cut variants 66
+    assert [(o.label.split(" (")[0], o.cfg.batch_size, o.cfg.accumulate) for o in options] == [
+        ("lean preset", 32, 1), ("as given", 16, 2), ("lean, keep rate 0.3", 32, 1),
+        ("lean, trainable blocks 7,11", 32, 1), ("lean, trainable block 11 only", 32, 1)]
+    assert all(o.fits and o.cfg.effective_batch == 32 and o.cfg.eval_batch_size == o.cfg.batch_size for o in options)
+    assert flags_text(options[1].changes(planner.base)) == "--batch-size 16 --accumulate 2 --eval-batch-size 16"
+    assert not any(o.fits for o in planner.plan(parse_size("100MiB")))
+
+
+def test_memory_budget_trains_the_first_option_whose_real_step_fits(tmp_path, monkeypatch, capsys):
+    synthetic(monkeypatch, {"paper": 10, "lean": 4, "cut": 3})
+    measured = iter([400, 280])  # option 1 (lean at 32) fails its real step, option 2 (16 x 2) passes
+    monkeypatch.setattr(plan_mod, "measure_step", lambda *a, **k: {"process_peak_bytes": next(measured) << 20})
+    monkeypatch.setattr(cli_train, "_restart", lambda argv: main(argv))
+    out = tmp_path / "run"
+    argv = ["train", "--model", "vit_micro_patch4_28", "--checkpoint", "none", "--limit", "64", "--batch-size", "32",
+            "--steps", "2", "--threads", "1", "--no-progress", "--memory-budget", "300MiB", "--out", str(out)]
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    assert "does not fit 300 MiB" in shown and "training option 2: as given" in shown
+    record = json.loads((out / "plan.json").read_text())
+    assert record["chosen"] == 1 and record["options"][0]["measured_bytes"] >= 400 << 20
+    report = json.loads((out / "report.json").read_text())
+    assert (report["config"]["batch_size"], report["config"]["accumulate"]) == (16, 2)
+
+
+def test_memory_budget_refusals_are_one_line(tmp_path, monkeypatch, capsys):
+    synthetic(monkeypatch, {"paper": 10, "lean": 4, "cut": 3})
+    base = ["train", "--model", "vit_micro_patch4_28", "--checkpoint", "none", "--out", str(tmp_path / "r")]
+    for extra, words in ((["--memory-budget", "lots"], "not a size"), (["--memory-budget", "100MiB"], "fits 100 MiB"),
+                         (["--memory-budget", "1G", "--tasks", "sklearn-digits,digits-embedded"], "single-task")):
+        assert main(base + extra) == EXIT_USER_ERROR
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+
+
+def test_bsr_plan_prints_the_table(monkeypatch, capsys):
+    monkeypatch.setattr(plan_mod, "overhead", lambda *a, **k: NO_OVERHEAD)
+    assert main(["plan", "--budget", "40MiB", "--model", "vit_micro_patch4_28", "--checkpoint", "none",
+                 "--batch-size", "8"]) == 0
+    table = capsys.readouterr().out
+    assert "| 1 | as given | 8 x 1 |" in table and "lean preset" in table and "GFLOP/step" in table
