@@ -15,7 +15,7 @@ import bsr.measure.plan as plan_mod
 from bsr.cli import EXIT_USER_ERROR, main
 from bsr.errors import BSRError
 from bsr.measure import count_flops, saved_tensor_bytes
-from bsr.measure.overhead import Overhead
+from bsr.measure.overhead import Overhead, fit_overhead
 from bsr.measure.plan import Planner, families, flags_text, micro_batches, parse_size
 from bsr.measure.trace import trace_config, training_step
 from bsr.train import build_optimizer, make_config, setup_model
@@ -135,3 +135,29 @@ def test_bsr_plan_prints_the_table(monkeypatch, capsys):
                  "--batch-size", "8"]) == 0
     table = capsys.readouterr().out
     assert "| 1 | as given | 8 x 1 |" in table and "lean preset" in table and "GFLOP/step" in table
+
+
+def test_the_overhead_fit_recovers_the_heap_factor_and_the_constants():
+    # measured = large + 1.5 * small + 8 MiB (fp32) or + 40 MiB (bf16), at the timeline's worst moment
+    steps = []
+    for kind, constant in (("fp32", 8 << 20), ("bf16", 40 << 20)):
+        for large, small in ((10 << 20, 30 << 20), (100 << 20, 20 << 20), (50 << 20, 60 << 20)):
+            timeline = [(0, 0), (large, small), (large // 2, small // 2)]
+            steps.append((kind, int(large + 1.5 * small) + constant, timeline))
+    factor, constants = fit_overhead(steps, heap=True)
+    assert factor == pytest.approx(1.5) and constants == {"fp32": 8 << 20, "bf16": 40 << 20}
+    assert fit_overhead(steps, heap=False)[0] == 1.0  # CUDA: no heap
+
+
+def test_overhead_is_measured_once_and_cached(tmp_path, monkeypatch):
+    import bsr.measure.overhead as overhead_mod
+
+    monkeypatch.setenv("BSR_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(overhead_mod, "calibrate", lambda device, released, log: calls.append(1) or Overhead(
+        overhead_mod.machine_key(device, released), 700 << 20, {"fp32": 1, "bf16": 2}, "now", [], 1.4))
+    first = overhead_mod.overhead(torch.device("cpu"), True, print)
+    again = overhead_mod.overhead(torch.device("cpu"), True, print)
+    assert calls == [1] and first == again and (tmp_path / "memory-overhead.json").is_file()
+    overhead_mod.overhead(torch.device("cpu"), False, print)  # another allocator setting: measured apart
+    assert calls == [1, 1]

@@ -13,6 +13,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -34,9 +35,11 @@ from .protocol import random_batch, release_memory, sync
 from .trace import trace_config, training_step
 
 CACHE_FILE = "memory-overhead.json"
-# Calibration steps: the micro model at 28 px, fp32 (full, bsr) and bf16 kernels (bsr lean), whose overheads differ
-CALIBRATION = [dict(method="full", batch_size=64), dict(method="bsr", batch_size=64),
-               dict(method="bsr", batch_size=64, bsr={"preset": "lean"})]
+# Calibration steps: the micro model at 28 px, fp32 (full, bsr) and bf16 kernels (bsr lean), whose overheads differ;
+# at two batch sizes, so that the heap's share (tensors below the mmap threshold) can be told from the constant part
+CALIBRATION = [dict(method=method, batch_size=batch, **extra) for batch in (16, 48)
+               for method, extra in (("full", {}), ("bsr", {}), ("bsr", {"bsr": {"preset": "lean"}}))]
+HEAP_FACTORS = [1.0 + 0.1 * i for i in range(16)]  # weights of heap-served bytes tried: 1.0 ... 2.5
 
 
 def cache_file() -> Path:
@@ -53,15 +56,18 @@ def machine_key(device: torch.device, released: bool) -> str:
 
 @dataclass
 class Overhead:
-    """Bytes beyond the traced tensors: `process_bytes` (a bsr process before it builds a model: Python, torch and
-    the libraries; 0 on CUDA, whose peak counts tensors only) and `step_bytes` per kernel kind (the largest
-    real-minus-traced step peak of the calibration steps of that kind: "fp32", "bf16")."""
+    """What the trace does not see: `process_bytes` (a bsr process before it builds a model: Python, torch and the
+    libraries; 0 on CUDA, whose peak counts tensors only), `heap_factor` (CPU: the weight of tensors below
+    `small_below` bytes, which glibc serves from its heap and whose freed chunks stay resident) and `step_bytes` per
+    kernel kind ("fp32", "bf16": the median of the calibration steps' measured minus predicted peaks)."""
 
     key: str
     process_bytes: int
     step_bytes: dict
     measured: str
     steps: list
+    heap_factor: float = 1.0
+    small_below: int = 1 << 20
 
     def step_for(self, cfg: TrainConfig) -> int:
         """The step overhead of `cfg`'s kernel kind."""
@@ -69,8 +75,8 @@ class Overhead:
 
     def describe(self) -> str:
         steps = ", ".join(f"{kind} {value / 2**20:,.1f}" for kind, value in self.step_bytes.items())
-        return (f"process {self.process_bytes / 2**20:,.0f} MiB, step overhead MiB {steps}; measured "
-                f"{self.measured}, cached in {cache_file()}")
+        return (f"process {self.process_bytes / 2**20:,.0f} MiB, step overhead MiB {steps}, heap factor "
+                f"{self.heap_factor:.1f}; measured {self.measured}, cached in {cache_file()}")
 
 
 def kernel_kind(cfg: TrainConfig) -> str:
@@ -137,14 +143,33 @@ def calibrate(device: torch.device, released: bool, log: Callable[[str], None]) 
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise BSRError(f"measuring the memory overhead failed (exit {proc.returncode}): {tail}")
     record = json.loads(proc.stdout.strip().splitlines()[-1])
-    gaps: dict[str, int] = {"fp32": 0, "bf16": 0}
+    small_below = (1 << 20) if released else (32 << 20)  # glibc's threshold, fixed or at its dynamic maximum
+    timelines = []
     for step in record["steps"]:
         cfg = _calibration_config(step["config"], device)
-        step["traced_bytes"] = trace_config(cfg, 10, device, flops=False).step_peak_bytes
-        kind = kernel_kind(cfg)
-        gaps[kind] = max(gaps[kind], step["step_peak_bytes"] - step["traced_bytes"])
+        trace = trace_config(cfg, 10, device, flops=False, small_below=small_below)
+        step["traced_bytes"] = trace.step_peak_bytes
+        timelines.append((kernel_kind(cfg), step["step_peak_bytes"], trace.timeline))
+    factor, gaps = fit_overhead(timelines, device.type == "cpu")
     return Overhead(machine_key(device, released), int(record["process_bytes"]), gaps,
-                    time.strftime("%Y-%m-%d %H:%M"), record["steps"])
+                    time.strftime("%Y-%m-%d %H:%M"), record["steps"], factor, small_below)
+
+
+def fit_overhead(steps: list[tuple[str, int, list]], heap: bool) -> tuple[float, dict]:
+    """(heap factor, step bytes per kernel kind) that predict the measured peaks of `steps` ((kind, measured bytes,
+    traced (large, small) timeline)) best: for each heap factor (1 without a heap), the step bytes of a kind are the
+    median of measured minus traced-at-that-factor (at least 0); the factor with the smallest worst relative error
+    wins."""
+    best = None
+    for factor in HEAP_FACTORS if heap else [1.0]:
+        peaks = [(kind, measured, max(large + factor * small for large, small in timeline))
+                 for kind, measured, timeline in steps]
+        gaps = {kind: max(0, int(statistics.median([m - p for k, m, p in peaks if k == kind] or [0])))
+                for kind in ("fp32", "bf16")}  # memory outside tensors is never negative
+        worst = max(abs((p + gaps[k]) / m - 1) for k, m, p in peaks)
+        if best is None or worst < best[0]:
+            best = (worst, factor, gaps)
+    return round(best[1], 2), best[2]
 
 
 def overhead(device: torch.device, released: bool, log: Callable[[str], None], refresh: bool = False) -> Overhead:
@@ -159,7 +184,7 @@ def overhead(device: torch.device, released: bool, log: Callable[[str], None], r
     if key in cached and not refresh:
         try:
             result = Overhead(**cached[key])
-            if set(result.step_bytes) == {"fp32", "bf16"}:
+            if set(result.step_bytes) == {"fp32", "bf16"} and "heap_factor" in cached[key]:
                 return result
         except (TypeError, AttributeError):
             pass  # an older or damaged entry: measured again

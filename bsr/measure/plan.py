@@ -135,7 +135,8 @@ class Planner:
     def predict(self, cfg: TrainConfig, flops: bool = False) -> tuple[StepTrace, int]:
         """(the traced step, the predicted peak in bytes) of `cfg`."""
         trace = trace_config(cfg, self.num_classes, self.device, flops=flops,
-                             eval_batch=cfg.eval_batch_size or max(cfg.batch_size, 256))
+                             eval_batch=cfg.eval_batch_size or max(cfg.batch_size, 256),
+                             heap_factor=self.overhead.heap_factor, small_below=self.overhead.small_below)
         extra = self.overhead.step_for(cfg) + (self.overhead.process_bytes + self.data
                                                if self.device.type == "cpu" else 0)
         return trace, max(trace.step_peak_bytes, trace.eval_peak_bytes) + extra

@@ -15,7 +15,7 @@ libraries); `bsr.measure.plan` adds that as an overhead measured once per machin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Optional
 
 import torch
@@ -36,14 +36,23 @@ from .memory import OUTSIDE, ROOT, _module_stack, rollup_name
 
 
 class LiveBytes(TorchDispatchMode):
-    """Bytes of the tensor storages alive, after every op run inside it (storages followed by weak reference, each
-    counted once, rounded up to `granule` bytes); `peak` is their maximum since `reset`."""
+    """Bytes of the tensor storages alive after every op run inside it (storages followed by weak reference, each
+    counted once, rounded up to `granule` bytes), kept apart as large and small (below `small_below` bytes: on CPU
+    these come from glibc's heap, which keeps freed chunks, rather than from their own mappings). `timeline` holds
+    (large, small) after every op since `reset`; `peak_at(k)` is the most of large + k * small over it."""
 
-    def __init__(self, granule: int = 1) -> None:
+    def __init__(self, granule: int = 1, small_below: int = 0) -> None:
         super().__init__()
-        self.granule = granule
+        self.granule, self.small_below = granule, small_below
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.current = self.peak = 0
+        self.large = self.small = 0
+        self.timeline: list[tuple[int, int]] = []
+
+    def _add(self, size: int, sign: int) -> None:
+        if size < self.small_below:
+            self.small += sign * size
+        else:
+            self.large += sign * size
 
     def hold(self, tensors: Iterable[Any]) -> None:
         """Follow `tensors` (made before tracing: parameters, optimizer state, the batch)."""
@@ -54,20 +63,23 @@ class LiveBytes(TorchDispatchMode):
                 if ref.cdata not in self.live:
                     size = -(-storage.nbytes() // self.granule) * self.granule
                     self.live[ref.cdata] = (ref, size)
-                    self.current += size
-        self.peak = max(self.peak, self.current)
+                    self._add(size, 1)
+        self.timeline.append((self.large, self.small))
 
     def reset(self) -> None:
         self._sweep()
-        self.peak = self.current
+        self.timeline = [(self.large, self.small)]
+
+    def peak_at(self, heap_factor: float = 1.0) -> int:
+        return int(max(large + heap_factor * small for large, small in self.timeline))
 
     def _sweep(self) -> None:
         for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            self.current -= self.live.pop(key)[1]
+            self._add(self.live.pop(key)[1], -1)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.hold(tree_flatten(out)[0])
+        self.hold(tree_flatten(out)[0])  # the op's outputs while its inputs still live
         self._sweep()
         return out
 
@@ -129,7 +141,7 @@ class StepTrace:
     saved_by_block: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _fake_model(cfg: TrainConfig, num_classes: int, device: torch.device, mode: FakeTensorMode) -> nn.Module:
@@ -182,10 +194,13 @@ def _unique_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 def trace_config(cfg: TrainConfig, num_classes: int, device: Optional[torch.device] = None,
-                 eval_batch: Optional[int] = None, flops: bool = True) -> StepTrace:
+                 eval_batch: Optional[int] = None, flops: bool = True, heap_factor: float = 1.0,
+                 small_below: int = 1 << 20) -> StepTrace:
     """Trace one training step of `cfg` (after one untraced step that creates the optimizer state), then one
     evaluation batch of `eval_batch` images (default: `bsr train`'s, `max(batch_size, 256)`). Single-task only.
-    device: where the real step would run (its kernels decide what is saved); default `cfg.device`'s type, CPU."""
+    device: where the real step would run (its kernels decide what is saved); default `cfg.device`'s type, CPU.
+    heap_factor: weight of storages below `small_below` bytes in the peaks (CPU: glibc's heap, see `LiveBytes`;
+    `bsr.measure.overhead` calibrates it). The step's (large, small) timeline is kept as `.timeline`."""
     if cfg.tasks:
         raise BSRError("the memory model plans single-task runs; drop --tasks")
     device = device or torch.device("cuda" if cfg.device.startswith("cuda") else "cpu")
@@ -202,26 +217,29 @@ def trace_config(cfg: TrainConfig, num_classes: int, device: Optional[torch.devi
         params = list(model.parameters())
         persistent = [*params, *model.buffers(), *_tensors_of(optimizer), images, labels]
         exclude = {StorageWeakRef(t.untyped_storage()).cdata for t in [*params, *model.buffers()]}
-        tracker = LiveBytes(granule=512 if device.type == "cuda" else 1)
+        cuda = device.type == "cuda"
+        tracker = LiveBytes(granule=512 if cuda else 1, small_below=0 if cuda else small_below)
         tracker.hold(persistent + [p.grad for p in params if p.grad is not None])
         with tracker:  # micro-batches after the second repeat its memory exactly
             training_step(model, optimizer, criterion, images, labels, cfg, 2)
-        step_peak = tracker.peak
+        step_peak, timeline = tracker.peak_at(heap_factor), tracker.timeline
         tracker.reset()
         with tracker, torch.no_grad():
             model.eval()
             with autocast(cfg, device):
                 model(torch.empty(eval_batch, 3, size, size, device=device))
             model.train()
-        eval_peak = tracker.peak
+        eval_peak = tracker.peak_at(heap_factor)
         micro = images[:cfg.batch_size]
         saved = _saved_by_block(backbone(model), lambda: criterion(model(micro), labels[:cfg.batch_size]), exclude)
         one = with_values(cfg, accumulate=1)  # FLOPs: one micro-batch's step, times the micro-batches
         train_flops = cfg.accumulate * count_flops(lambda: training_step(model, optimizer, criterion, micro,
                                                                          labels[:cfg.batch_size], one)) if flops else 0
     trainable = [p for p in params if p.requires_grad]
-    return StepTrace(param_bytes=_unique_bytes(params), grad_bytes=_unique_bytes(trainable),
-                     optimizer_bytes=_unique_bytes(_tensors_of(optimizer)),
-                     batch_bytes=images.untyped_storage().nbytes() + labels.untyped_storage().nbytes(),
-                     saved_bytes=sum(saved.values()), step_peak_bytes=step_peak, eval_peak_bytes=eval_peak,
-                     train_flops=int(train_flops), eval_batch=eval_batch, saved_by_block=saved)
+    result = StepTrace(param_bytes=_unique_bytes(params), grad_bytes=_unique_bytes(trainable),
+                       optimizer_bytes=_unique_bytes(_tensors_of(optimizer)),
+                       batch_bytes=images.untyped_storage().nbytes() + labels.untyped_storage().nbytes(),
+                       saved_bytes=sum(saved.values()), step_peak_bytes=step_peak, eval_peak_bytes=eval_peak,
+                       train_flops=int(train_flops), eval_batch=eval_batch, saved_by_block=saved)
+    result.timeline = timeline  # not a field: for calibration only
+    return result
