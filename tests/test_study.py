@@ -204,5 +204,7 @@ def test_lr_sweep_chooses_on_validation_and_reuses_the_sweep_run(tmp_path):
     (row,) = data["aggregates"]
     assert row["lr"] == chosen and row["seeds"] == [0, 1] and row["test_at_val_mean"] is not None
     assert "Learning rates, chosen on validation" in (tmp_path / "out" / "study.md").read_text()
+    from bsr.study.runner import token_run
+    assert token_run(study, tmp_path / "out", "digits-embedded").name == f"bsr@lr{chosen:g}-digits-embedded-s0"
     with pytest.raises(BSRError, match="no validation split"):
         parse_study({**spec, "base": TINY["base"]})

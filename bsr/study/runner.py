@@ -318,7 +318,7 @@ def token_run(study: Study, out: Path, dataset: str) -> Optional[Path]:
                   and r.config["bsr"]["keep_rate"] < 1.0]
     candidates.sort(key=lambda r: (r.point != "bsr", study.points.index(r.point), r.seed))
     for run in candidates:
-        run_dir = out / "runs" / run.run_id
+        run_dir = out / "runs" / run.dir_name
         if (run_dir / "report.json").is_file():
             return run_dir
     return None
