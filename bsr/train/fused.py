@@ -2,11 +2,13 @@
 `METHOD+fused`) and the optimizer state in bf16 (`TrainConfig.optimizer_state`).
 
 A usual training step holds every trainable parameter's gradient until `optimizer.step()`: for BSR on the ViT-B/16
-MoE model that is 892 MiB of its 3,757 MiB peak (BENCHMARKS.md). Here each trainable parameter gets an optimizer of
-its own (the same class, with the hyper-parameters of its param group), stepped from
-`Tensor.register_post_accumulate_grad_hook` as soon as backward has written that parameter's gradient, and the
-gradient is freed right after; no full set of gradients is ever resident, only the ones autograd has just computed
-(PyTorch's recipe "How to save memory by fusing the optimizer step into the backward pass").
+MoE model 892 MiB. Here each trainable parameter gets an optimizer of its own (the same class, with the
+hyper-parameters of its param group), stepped from `Tensor.register_post_accumulate_grad_hook` as soon as backward
+has written that parameter's gradient, and the gradient is freed right after; no full set of gradients is ever
+resident, only the ones autograd has just computed (PyTorch's recipe "How to save memory by fusing the optimizer step
+into the backward pass"). It lowers the peak only where the peak falls late in backward: BSR's MoE ViT-B and DeiT-S
+peak at the start of backward, before any gradient exists, and keep their peak; ViT-S at 112 px drops 5%
+(BENCHMARKS.md, "Optimizer options").
 
 It learns the same thing. SGD and AdamW update each parameter from its own gradient and state only, and backward
 never reads a parameter again once its gradient is complete (autograd's version counter would refuse a modified
