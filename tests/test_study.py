@@ -208,3 +208,23 @@ def test_lr_sweep_chooses_on_validation_and_reuses_the_sweep_run(tmp_path):
     assert token_run(study, tmp_path / "out", "digits-embedded").name == f"bsr@lr{chosen:g}-digits-embedded-s0"
     with pytest.raises(BSRError, match="no validation split"):
         parse_study({**spec, "base": TINY["base"]})
+
+
+def test_lr_from_trains_at_the_lr_chosen_for_another_point(tmp_path):
+    """lr_from: an ablation is not swept; it waits for the named point's sweep and trains at the lr chosen there."""
+    spec = {**TINY, "base": {**TINY["base"], "val_fraction": 0.25}, "seeds": [0],
+            "sweep": {"lr": [1e-5, 1e-2], "seed": 0},
+            "runs": [{"name": "bsr", "method": "bsr", "priority": 1},
+                     {"name": "bsr-keep1", "method": "bsr", "bsr": {"keep_rate": 1.0}, "lr_from": "bsr"}]}
+    study = parse_study(spec)
+    assert [r.point for r in study.sweep_runs()] == ["bsr@lr1e-05", "bsr@lr0.01"]
+    assert next(r for r in study.runs if r.point == "bsr-keep1").waiting  # no lr before the sweep
+    data = run_study(study, tmp_path / "out", isolate=False, tokens=False, log=lambda _: None)
+    chosen = next(r["lr"] for r in data["sweep"] if r["chosen"])
+    ablation = yaml.safe_load((tmp_path / "out" / "runs" / "bsr-keep1-digits-embedded-s0" / "config.yaml").read_text())
+    assert ablation["lr"] == chosen
+    for bad in ({"name": "x", "method": "bsr", "lr_from": "nope"},
+                {"name": "x", "method": "bsr", "lr_from": "bsr", "priority": 2},
+                {"name": "x", "method": "bsr", "lr_from": "bsr", "lr": 1e-3}):
+        with pytest.raises(BSRError, match="lr_from"):
+            parse_study({**spec, "runs": [spec["runs"][0], bad]})

@@ -15,13 +15,16 @@ A study file holds:
       - {name: bsr, method: bsr, priority: 1}   # priority: all its seeds run before other entries
     measure: {steps: 1, warmup: 1}     # memory/FLOP measurement settings (optional)
     sweep: {lr: [1.0e-4, 3.0e-4], seed: 0}   # learning rate chosen on validation, per entry and dataset (optional;
-                                       # needs base.val_fraction > 0; an entry may say sweep: false or its own lr list)
+                                       # needs base.val_fraction > 0; an entry may say sweep: false or its own lr list,
+                                       # or lr_from: <point> to train at the lr chosen for that swept point)
     quick: {base: {epochs: 1}, seeds: [0], runs: [full, bsr], datasets: [...]}   # what --quick changes
     x-anything: ...                    # ignored: a place for YAML anchors (&name) the entries merge (<<: *name)
 
 With `sweep`, every entry that does not opt out first runs once per learning rate (`<point>@lr<value>`, seed
 `sweep.seed`), and its seeds then train with the lr of the best validation top-1 (`bsr.study.runner.choose_lrs`);
 the run of the sweep seed at that lr is reused, not trained again. Test top-1 never takes part in the choice.
+An entry with `lr_from: bsr` (an ablation, say) is not swept itself: it trains at the lr chosen for point `bsr` on
+the same dataset, once that sweep has finished (`bsr` must be swept there, at the same or a higher priority).
 
 Options layer as defaults < recipe < base < per_dataset < run entry (the same layering as `bsr train`, with the
 study's layers in the place of `--config`). Runs go to `OUT/runs/<point>-<dataset>-s<seed>/`; a run with a
@@ -58,6 +61,7 @@ class RunSpec:
     sweep: Optional[list[float]] = None  # learning rates tried first (lr is then the one chosen on validation)
     alias: Optional[str] = None  # run directory name when it is another run's (the chosen sweep run)
     waiting: bool = False  # its lr sweep has not finished: not run yet
+    lr_from: Optional[str] = None  # the swept point whose chosen lr (on the same dataset) this run trains at
 
     @property
     def run_id(self) -> str:
@@ -151,6 +155,7 @@ def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> St
                            f"{', '.join(points)}")
         runs = [r for r in runs if r.point in grid.keep_points]
         points = [p for p in points if p in grid.keep_points]
+    _check_lr_from(runs, source)
     measure = merge_options(MEASURE_DEFAULTS, _mapping(data.get("measure"), f"{source}: measure"))
     bad = [k for k in measure if k not in MEASURE_DEFAULTS]
     if bad:
@@ -159,6 +164,19 @@ def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> St
     used = [d for d in grid.datasets if any(r.dataset == d for r in runs)]
     return Study(name=str(name), runs=runs, measure=measure, points=points, datasets=used,
                  sweep_seed=grid.sweep.get("seed", 0) if grid.sweep else 0)
+
+
+def _check_lr_from(runs: list[RunSpec], source: str) -> None:
+    """Every `lr_from` names a point swept on each of the run's datasets at the same or a higher priority (so that its
+    lr is chosen before the run is due)."""
+    swept = {(r.point, r.dataset): r.priority for r in runs if r.sweep}
+    for run in runs:
+        if run.lr_from is None:
+            continue
+        level = swept.get((run.lr_from, run.dataset))
+        if level is None or level < run.priority:
+            raise BSRError(f"{source}: runs.{run.point}.lr_from={run.lr_from!r} is not a run swept on {run.dataset} "
+                           f"at priority >= {run.priority}; name an earlier entry with a sweep")
 
 
 def _grid(data: dict, quick: bool, source: str) -> _Grid:
@@ -226,6 +244,12 @@ def _entry_runs(grid: _Grid, i: int, entry: Any, points: list[str]) -> list[RunS
     priority = entry.pop("priority", 0)
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise BSRError(f"{source}: runs.{name}.priority={priority!r} must be an integer (higher runs earlier)")
+    lr_from = entry.pop("lr_from", None)
+    if lr_from is not None:
+        if not isinstance(lr_from, str) or "lr" in entry or "sweep" in entry:
+            raise BSRError(f"{source}: runs.{name}.lr_from must name an earlier swept run (e.g. lr_from: bsr) and "
+                           f"replaces lr and sweep; remove those")
+        sweep = None
     if grid.quick:
         datasets = [d for d in datasets if d in grid.datasets]
         seeds = [s for s in seeds if s in grid.seeds] or grid.seeds[:1]
@@ -245,7 +269,8 @@ def _entry_runs(grid: _Grid, i: int, entry: Any, points: list[str]) -> list[RunS
             if sweep and cfg.val_fraction == 0:
                 raise BSRError(f"{source}: run {name} sweeps the lr but has no validation split; set val_fraction "
                                f"(e.g. 0.1) in base")
-            runs.append(RunSpec(name, dataset, seed, cfg.to_dict(), priority, sweep))
+            runs.append(RunSpec(name, dataset, seed, cfg.to_dict(), priority, sweep, waiting=lr_from is not None,
+                                lr_from=lr_from))
     return runs
 
 

@@ -225,6 +225,12 @@ def choose_lrs(study: Study, out: Path) -> dict[tuple[str, str], dict]:
         if not run.waiting:
             run.config = {**run.config, "lr": chosen[key]["lr"]}
             run.alias = chosen[key]["run"] if run.seed == study.sweep_seed else None
+    for run in study.runs:  # lr_from: the lr chosen for another point on the same dataset
+        if run.lr_from is not None:
+            lr = chosen.get((run.lr_from, run.dataset), {}).get("lr")
+            run.waiting = lr is None
+            if lr is not None:
+                run.config = {**run.config, "lr": lr}
     return chosen
 
 
