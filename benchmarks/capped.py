@@ -157,11 +157,15 @@ def run_capped(cap: Cap, argv: list[str], log: Path) -> dict:
     """`argv` inside the cap, its output to `log`; exit status, time and what the cap recorded."""
     if isinstance(cap, CgroupCap):
         cap.reset()
+    before = cap.stats()
     start = time.time()
     with open(log, "w") as out:
         proc = subprocess.run(cap.wrap(argv), stdout=out, stderr=subprocess.STDOUT, preexec_fn=cap.preexec)
+    after = cap.stats()
+    if "oom_kills" in after:  # a counter over the cgroup's life: this command's share
+        after["oom_kills"] -= before.get("oom_kills", 0)
     return {"argv": argv, "returncode": proc.returncode, "seconds": round(time.time() - start, 1),
-            "log": str(log), **cap.stats()}
+            "log": str(log), **after}
 
 
 def main() -> int:

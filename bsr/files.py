@@ -12,13 +12,18 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 from .errors import BSRError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temp file in the same directory, fsync, then `os.replace`.
+    """Write `data` to `path` atomically (`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call `write(f)` on a temp file in the same directory, fsync, then `os.replace` it over `path`.
 
     On any OSError (disk full, read-only dir...) the temp file is removed, the old `path` is left untouched, and a
     one-line `BSRError` is raised.
@@ -30,7 +35,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         if hasattr(os, "fchmod"):
             os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

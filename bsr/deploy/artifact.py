@@ -24,13 +24,12 @@ from typing import Any, Mapping, Optional, Sequence
 import timm
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from ..core.config import BSRConfig
 from ..core.patch import bsr_state, reprogram
 from ..errors import BSRError
-from ..files import atomic_write_bytes
+from ..tensorfile import save_tensors
 
 FORMAT = "bsr-model-1"
 DELTA_FORMAT = "bsr-delta-1"
@@ -183,7 +182,7 @@ def _read(path: Path, want: Optional[str], tensors: bool = True) -> tuple[dict, 
 def _write(path: Path, state: dict[str, Tensor], doc: dict) -> dict:
     """Write tensors + metadata atomically; returns a small record of what was written."""
     doc = {**doc, "weights_sha256": state_sha256(state)}
-    atomic_write_bytes(path, st_save(state, metadata={"format": "pt", _META_KEY: json.dumps(doc)}))
+    save_tensors(path, state, metadata={"format": "pt", _META_KEY: json.dumps(doc)})
     return {"path": str(path), "format": doc["format"], "tensors": len(state), "bytes": path.stat().st_size}
 
 

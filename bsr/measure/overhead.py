@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +30,7 @@ from ..errors import BSRError
 from ..files import atomic_write_bytes
 from ..train import build_optimizer, pick_device, setup_model
 from ..train.build import image_size
+from ..train.checkpoint import save_checkpoint
 from ..train.config import MICRO_MODEL, TrainConfig, make_config
 from . import memory
 from .protocol import random_batch, release_memory, sync
@@ -85,11 +87,16 @@ def kernel_kind(cfg: TrainConfig) -> str:
     return "bf16" if half else "fp32"
 
 
-def measure_step(cfg: TrainConfig, num_classes: int, device: torch.device, steps: int = 2) -> dict:
+def measure_step(cfg: TrainConfig, num_classes: int, device: torch.device, steps: int = 2,
+                 checkpoint: bool = False) -> dict:
     """A real measured step of `cfg` in this process: build the model (its base weights as configured), `steps`
-    training steps (`bsr.measure.trace.training_step`) on a seeded random batch; returns the process's peak
+    training steps (`bsr.measure.trace.training_step`) on a seeded random batch, then (`checkpoint`) its checkpoint
+    written to a temporary directory as training writes it; returns the process's peak
     (`process_peak_bytes`: VmHWM on CPU, the allocator's peak on CUDA) and the peak above the memory in use before
-    building (`step_peak_bytes`). Everything is freed again before it returns."""
+    building (`step_peak_bytes`). Everything is freed again before it returns. Fixes glibc's mmap threshold first
+    when `cfg.release_memory` (as `bsr train` does), so that the check sees the allocator training will run with."""
+    if cfg.release_memory:
+        allocator.release_freed_memory()
     release_memory()
     baseline = memory.current_bytes(device)
     memory.reset_peak(device)
@@ -100,6 +107,9 @@ def measure_step(cfg: TrainConfig, num_classes: int, device: torch.device, steps
     for _ in range(steps):
         training_step(model, optimizer, criterion, images, labels, cfg)
     sync(device)
+    if checkpoint:
+        with tempfile.TemporaryDirectory(prefix="bsr-check-") as directory:
+            save_checkpoint(Path(directory), model, optimizer, {"config": cfg.to_dict(), "step": steps})
     peak = memory.peak_bytes(device)
     if hasattr(optimizer, "remove"):
         optimizer.remove()  # a fused optimizer's hooks hold the parameters

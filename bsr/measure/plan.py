@@ -1,7 +1,7 @@
 """Plan a run for a memory budget (SPEC section 9): `bsr plan --budget 1.5GiB` and `bsr train --memory-budget`.
 
-The memory model: a configuration's peak is the traced tensor peak of its training step or of an evaluation batch,
-whichever is larger (`bsr.measure.trace`: parameters, gradients, optimizer state, activations saved for backward per
+The memory model: a configuration's peak is the traced tensor peak of its training step, of an evaluation batch or
+of writing its checkpoint, whichever is largest (`bsr.measure.trace`: parameters, gradients, optimizer state, activations saved for backward per
 block, exact, and the step's transients), plus what tracing cannot see, measured once per machine and cached
 (`bsr.measure.overhead`: the process before it builds a model, and the allocator's and kernels' step overhead), plus
 the images a dataset keeps in memory. On CPU that is the process's peak resident memory, what a memory cap sees; on
@@ -139,7 +139,7 @@ class Planner:
                              heap_factor=self.overhead.heap_factor, small_below=self.overhead.small_below)
         extra = self.overhead.step_for(cfg) + (self.overhead.process_bytes + self.data
                                                if self.device.type == "cpu" else 0)
-        return trace, max(trace.step_peak_bytes, trace.eval_peak_bytes) + extra
+        return trace, max(trace.step_peak_bytes, trace.eval_peak_bytes, trace.checkpoint_peak_bytes) + extra
 
     def at_micro_batch(self, cfg: TrainConfig, micro: int) -> TrainConfig:
         """`cfg` at micro-batch `micro`, `accumulate` keeping its effective batch; evaluation at the micro-batch
@@ -187,13 +187,15 @@ def plan_lines(planner: Planner, options: list[Option], budget: int) -> list[str
     lines = [f"budget {budget / MIB:,.0f} MiB for {base.model} at {base.effective_batch} images per step on "
              f"{planner.device.type}; overhead: {over.describe()}"
              + (f"; dataset in memory {planner.data / MIB:,.0f} MiB" if planner.data else ""),
-             "", "| # | configuration | micro-batch x accumulate | predicted peak MiB | step MiB (saved) | "
-             "GFLOP/step | fits | flags |", "|---|---|---|---:|---:|---:|---|---|"]
+             "", "| # | configuration | micro-batch x accumulate | predicted peak MiB | at | step MiB (saved) | "
+             "GFLOP/step | fits | flags |", "|---|---|---|---:|---|---:|---:|---|---|"]
     for rank, opt in enumerate(options, 1):
         t = opt.trace
         gflop = f"{t.train_flops / 1e9:,.1f}" if t.train_flops else "-"
+        phases = {"step": t.step_peak_bytes, "evaluation": t.eval_peak_bytes, "checkpoint": t.checkpoint_peak_bytes}
         lines.append(f"| {rank if opt.fits else '-'} | {opt.label} | {opt.cfg.batch_size} x {opt.cfg.accumulate} | "
-                     f"{opt.predicted / MIB:,.0f} | {t.step_peak_bytes / MIB:,.0f} ({t.saved_bytes / MIB:,.0f}) | "
+                     f"{opt.predicted / MIB:,.0f} | {max(phases, key=phases.get)} | "
+                     f"{t.step_peak_bytes / MIB:,.0f} ({t.saved_bytes / MIB:,.0f}) | "
                      f"{gflop} | {'yes' if opt.fits else 'no'} | `{flags_text(opt.changes(base))}` |")
     if not any(opt.fits for opt in options):
         least = min(options, key=lambda o: o.predicted)
@@ -219,15 +221,17 @@ def write_plan(base: TrainConfig, budget: int, path: Path, log: Callable[[str], 
                            "step_bytes": planner.overhead.step_bytes, "key": planner.overhead.key},
               "options": [{"label": o.label, "changes": o.changes(base), "config": o.cfg.to_dict(),
                            "predicted_bytes": o.predicted, "trace": o.trace.to_dict(),
-                           "check_extra_bytes": extra + max(0, o.trace.eval_peak_bytes - o.trace.step_peak_bytes)}
+                           "check_extra_bytes": extra + max(0, o.trace.eval_peak_bytes - max(
+                               o.trace.step_peak_bytes, o.trace.checkpoint_peak_bytes))}
                           for o in fitting]}
     atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
     return record
 
 
 def check_planned(path: Path, index: int, log: Callable[[str], None]) -> Optional[TrainConfig]:
-    """Option `index` of the plan file `path`, checked with a real measured step in this process (`measure_step`:
-    the process's peak, plus the dataset in memory and any evaluation peak above the step's): its config if that fits
+    """Option `index` of the plan file `path`, checked with a real measured step and checkpoint in this process
+    (`measure_step`: the process's peak, plus the dataset in memory and any evaluation peak above the step's and the
+    checkpoint's): its config if that fits
     the budget (the choice is recorded in the file), else None (check the next one in a fresh process)."""
     record = read_json(path, "plan file")
     try:
@@ -236,7 +240,8 @@ def check_planned(path: Path, index: int, log: Callable[[str], None]) -> Optiona
     except (KeyError, IndexError, TypeError, ValueError, BSRError) as e:
         raise BSRError(f"plan file {path} has no usable option {index} ({e}); plan again with --memory-budget") \
             from None
-    measured = measure_step(cfg, int(record["num_classes"]), pick_device(cfg.device))["process_peak_bytes"]
+    measured = measure_step(cfg, int(record["num_classes"]), pick_device(cfg.device),
+                            checkpoint=True)["process_peak_bytes"]
     measured += int(option["check_extra_bytes"])
     option["measured_bytes"] = measured
     fits = measured <= budget

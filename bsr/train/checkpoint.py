@@ -17,10 +17,9 @@ import numpy as np
 import safetensors
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from ..errors import BSRError
-from ..files import atomic_write_bytes
+from ..tensorfile import save_tensors
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "bsr-checkpoint-1"
@@ -96,11 +95,9 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
     opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
     rng_tensors, rng_meta = rng_state()
     tensors = {**trainable_state(model), **opt_tensors, **rng_tensors}
-    # safetensors refuses shared or strided storage: give every tensor its own contiguous CPU copy.
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
     header = {"format": FORMAT, **meta, "optimizer": opt_meta, "rng": rng_meta}
     path = Path(directory) / CHECKPOINT_NAME
-    atomic_write_bytes(path, st_save(tensors, metadata={"bsr": json.dumps(header)}))
+    save_tensors(path, tensors, metadata={"bsr": json.dumps(header)})  # tensor by tensor: no copy of the state
     return path
 
 

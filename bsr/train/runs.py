@@ -32,6 +32,7 @@ from ..core.patch import bsr_state, restore
 from ..data import dataset_slug
 from ..errors import BSRError
 from ..files import OUTPUT_FIX, atomic_write_bytes, read_json, read_json_lines, read_yaml
+from ..tensorfile import save_tensors
 from ..version import __version__
 from . import distributed
 from .batches import Task
@@ -389,8 +390,6 @@ def export_weights(run: str | Path, out: str | Path, dtype: str = "fp32") -> dic
 
     A multi-task run's state dict is the `MultiTaskViT`'s: `backbone.*` (with the MoE keys of `bsr.core.moe`) and
     `heads.{t}.*`, the task order and names in the metadata."""
-    from safetensors.torch import save as st_save
-
     refuse_run_file(run, out)
     cfg, model = load_run(run, torch.device("cpu"))
     model = merge_lora(model)  # peft's layers and the MoE experts' adapters
@@ -402,5 +401,5 @@ def export_weights(run: str | Path, out: str | Path, dtype: str = "fp32") -> dic
     state = {k: v.detach().to(torch_dtype).contiguous() for k, v in model.state_dict().items()}
     out = Path(out)
     meta = {"source_run": str(run), "dtype": dtype, **({"tasks": ",".join(cfg.tasks)} if cfg.tasks else {})}
-    atomic_write_bytes(out, st_save(state, metadata=meta))
+    save_tensors(out, state, metadata=meta)
     return {"path": str(out), "tensors": len(state), "bytes": out.stat().st_size}

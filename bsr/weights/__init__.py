@@ -100,9 +100,7 @@ def fetch(name: str, *, given: Optional[str | Path] = None, download: bool = Tru
         import onnx
     except ImportError:
         raise BSRError(f"converting {name} needs the onnx package: pip install onnx") from None
-    from safetensors.torch import save
-
-    from ..files import atomic_write_bytes
+    from ..tensorfile import save_tensors
 
     started = time.perf_counter()
     data = read_source(weights.source, given, download, log)
@@ -126,6 +124,6 @@ def fetch(name: str, *, given: Optional[str | Path] = None, download: bool = Tru
         meta["verified_max_abs_diff"] = f"{diff:.3e}"
         log(f"checked against onnxruntime: max abs difference {diff:.2e} over every token")
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, save(state, metadata=meta))
+    save_tensors(path, state, metadata=meta)
     log(f"wrote {path} ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - started:.0f} s")
     return path
