@@ -2,6 +2,7 @@
 
     python benchmarks/plan_error.py --model vit_micro_patch4_28 --batch-sizes 8,32
     python benchmarks/plan_error.py --model vit_base_patch16_224 --batch-sizes 8,32 --out runs/plan-error/vitb.jsonl
+    python benchmarks/plan_error.py --table runs/plan-error/micro.jsonl runs/plan-error/vitb.jsonl   # table only
 
 For every method of `bsr bench` and batch size: the measured peak is `bsr bench`'s own (its memory worker in a fresh
 process: one warm-up step, then the peak of one step above the memory in use before the model was built, glibc's
@@ -51,7 +52,11 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="8,32")
     p.add_argument("--methods", default=",".join(BENCH_METHODS))
     p.add_argument("--out", default=None, help="JSON-lines file of the records (appended)")
+    p.add_argument("--table", nargs="+", metavar="JSONL", help="only print the table of these records files")
     args = p.parse_args()
+    if args.table:
+        print_table([json.loads(line) for path in args.table for line in Path(path).read_text().splitlines() if line])
+        return
     rows = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         spec = BenchSpec(model=args.model, batch_size=batch, threads=1, warmup=1, memory_steps=1)
@@ -72,6 +77,11 @@ def main() -> None:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 with open(args.out, "a") as f:
                     f.write(json.dumps(record) + "\n")
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    """The records as a Markdown table, with the largest error per model."""
     print("| model | batch | method | measured peak MiB | predicted MiB | error | saved MiB (traced = measured) | "
           "GFLOP/step (traced = measured) |")
     print("|---|---:|---|---:|---:|---:|---|---|")
@@ -81,6 +91,12 @@ def main() -> None:
               f"{r['predicted_bytes'] / MiB:,.1f} | {100 * r['error']:+.1f}% | "
               f"{r['measured_saved_bytes'] / MiB:,.1f} ({same(r['traced_saved_bytes'], r['measured_saved_bytes'])}) | "
               f"{r['measured_flops'] / 1e9:,.1f} ({'yes' if r['traced_flops'] == r['measured_flops'] else 'no'}) |")
+    print()
+    for model in dict.fromkeys(r["model"] for r in rows):
+        errors = [r["error"] for r in rows if r["model"] == model]
+        worst = max(errors, key=abs)
+        print(f"- {model}: {len(errors)} configurations, largest error {100 * worst:+.1f}%, "
+              f"median |error| {100 * sorted(map(abs, errors))[len(errors) // 2]:.1f}%")
 
 
 if __name__ == "__main__":
