@@ -7,7 +7,7 @@ CPU makes it the run's peak (`bsr.measure.trace`). Here the header is computed f
 tensor's bytes go to the file straight from its storage (a CPU copy of one tensor at a time when it lives on a GPU or
 is not contiguous), so writing adds about the largest single tensor. The file is the safetensors format (8-byte
 little-endian header length, JSON header with dtype, shape and data offsets and `__metadata__`, then the data) and is
-read back by `safetensors` itself (tests compare with `safetensors.torch.save`).
+read back by `safetensors` itself (`tests/test_tensorfile.py`).
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ import os
 import platform
 import statistics
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

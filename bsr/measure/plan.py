@@ -139,7 +139,7 @@ class Planner:
                              heap_factor=self.overhead.heap_factor, small_below=self.overhead.small_below)
         extra = self.overhead.step_for(cfg) + (self.overhead.process_bytes + self.data
                                                if self.device.type == "cpu" else 0)
-        return trace, max(trace.step_peak_bytes, trace.eval_peak_bytes, trace.checkpoint_peak_bytes) + extra
+        return trace, trace.peak_bytes + extra
 
     def at_micro_batch(self, cfg: TrainConfig, micro: int) -> TrainConfig:
         """`cfg` at micro-batch `micro`, `accumulate` keeping its effective batch; evaluation at the micro-batch
@@ -192,9 +192,8 @@ def plan_lines(planner: Planner, options: list[Option], budget: int) -> list[str
     for rank, opt in enumerate(options, 1):
         t = opt.trace
         gflop = f"{t.train_flops / 1e9:,.1f}" if t.train_flops else "-"
-        phases = {"step": t.step_peak_bytes, "evaluation": t.eval_peak_bytes, "checkpoint": t.checkpoint_peak_bytes}
         lines.append(f"| {rank if opt.fits else '-'} | {opt.label} | {opt.cfg.batch_size} x {opt.cfg.accumulate} | "
-                     f"{opt.predicted / MIB:,.0f} | {max(phases, key=phases.get)} | "
+                     f"{opt.predicted / MIB:,.0f} | {t.peak_phase} | "
                      f"{t.step_peak_bytes / MIB:,.0f} ({t.saved_bytes / MIB:,.0f}) | "
                      f"{gflop} | {'yes' if opt.fits else 'no'} | `{flags_text(opt.changes(base))}` |")
     if not any(opt.fits for opt in options):
@@ -221,8 +220,9 @@ def write_plan(base: TrainConfig, budget: int, path: Path, log: Callable[[str], 
                            "step_bytes": planner.overhead.step_bytes, "key": planner.overhead.key},
               "options": [{"label": o.label, "changes": o.changes(base), "config": o.cfg.to_dict(),
                            "predicted_bytes": o.predicted, "trace": o.trace.to_dict(),
-                           "check_extra_bytes": extra + max(0, o.trace.eval_peak_bytes - max(
-                               o.trace.step_peak_bytes, o.trace.checkpoint_peak_bytes))}
+                           # the check measures the step and the checkpoint write; evaluation's excess is added
+                           "check_extra_bytes": extra + o.trace.peak_bytes - max(o.trace.step_peak_bytes,
+                                                                                 o.trace.checkpoint_peak_bytes)}
                           for o in fitting]}
     atomic_write_bytes(path, (json.dumps(record, indent=1) + "\n").encode())
     return record

@@ -144,6 +144,21 @@ class StepTrace:
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+    @property
+    def phases(self) -> dict[str, int]:
+        """Peak bytes of each phase of a training run: the step, an evaluation batch, writing the checkpoint."""
+        return {"step": self.step_peak_bytes, "evaluation": self.eval_peak_bytes,
+                "checkpoint": self.checkpoint_peak_bytes}
+
+    @property
+    def peak_phase(self) -> str:
+        """The phase whose peak is the run's (`phases`)."""
+        return max(self.phases, key=self.phases.get)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.phases[self.peak_phase]
+
 
 def _fake_model(cfg: TrainConfig, num_classes: int, device: torch.device, mode: FakeTensorMode) -> nn.Module:
     """The model of `cfg` (method applied, random weights: memory does not depend on values) on fake tensors."""
@@ -189,8 +204,9 @@ def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 def checkpoint_extra(tensors: list[torch.Tensor], device: torch.device) -> int:
     """Memory that writing a checkpoint of `tensors` adds (`bsr.tensorfile`: one tensor at a time, straight from its
     storage): on CPU at most one copy of the largest tensor (a strided one is made contiguous first); on a GPU the
-    copy is in host memory, none on the device. (Before `bsr.tensorfile`, safetensors' in-memory `save` held three
-    copies of the whole trainable state: 730 MiB above the step for ViT-B/16 lean with AdamW.)"""
+    copy is in host memory, none on the device. (Before `bsr.tensorfile`, safetensors' in-memory `save` held copies
+    of the whole trainable state: about +600 MiB over the step for ViT-B/16 bsr with AdamW at batch 8,
+    `benchmarks/checkpoint_peak.py`.)"""
     if device.type != "cpu" or not tensors:
         return 0
     return max(t.untyped_storage().nbytes() for t in tensors)

@@ -398,7 +398,7 @@ def export_weights(run: str | Path, out: str | Path, dtype: str = "fp32") -> dic
     torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise BSRError(f"dtype={dtype!r} is not valid; use fp32, fp16 or bf16")
-    state = {k: v.detach().to(torch_dtype).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().to(torch_dtype) for k, v in model.state_dict().items()}
     out = Path(out)
     meta = {"source_run": str(run), "dtype": dtype, **({"tasks": ",".join(cfg.tasks)} if cfg.tasks else {})}
     save_tensors(out, state, metadata=meta)
