@@ -113,6 +113,8 @@ def test_pareto_front(points, front):
     ({"base": {"seed": 3}}, "'seed' is set by the study"),
     ({"quick": {"runs": ["nope"]}}, "quick.runs names 'nope'"),
     ({"quick": {"jobs": 2}}, "unknown key quick.jobs"),
+    ({"quick": {"sweep": {"nope": False}}}, "quick.sweep names 'nope', which is not a quick run"),
+    ({"quick": {"sweep": {"bsr": [0]}}}, "runs.bsr.sweep must be a non-empty list of positive learning rates"),
     ({"measure": {"steps_": 1}}, "unknown key measure.steps_"),
 ])
 def test_bad_study_is_one_line_error(change, message):
@@ -130,6 +132,15 @@ def test_cli_bad_study_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("bsr: error:") and "method='fastest'" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_quick_sweep_replaces_an_entrys_lr_list():
+    data = {**TINY, "base": {**TINY["base"], "val_fraction": 0.25}, "sweep": {"lr": [1e-4, 3e-4, 1e-3]},
+            "quick": {"runs": ["bsr"], "sweep": {"bsr": [3e-4]}}}
+    assert {r.sweep and tuple(r.sweep) for r in parse_study(data).runs if r.point == "bsr"} == {(1e-4, 3e-4, 1e-3)}
+    assert {tuple(r.sweep) for r in parse_study(data, quick=True).runs} == {(3e-4,)}
+    data["quick"]["sweep"] = {"bsr": False}
+    assert [r.sweep for r in parse_study(data, quick=True).runs] == [None]
 
 
 def test_committed_studies_parse_offline():

@@ -17,7 +17,8 @@ A study file holds:
     sweep: {lr: [1.0e-4, 3.0e-4], seed: 0}   # learning rate chosen on validation, per entry and dataset (optional;
                                        # needs base.val_fraction > 0; an entry may say sweep: false or its own lr list,
                                        # or lr_from: <point> to train at the lr chosen for that swept point)
-    quick: {base: {epochs: 1}, seeds: [0], runs: [full, bsr], datasets: [...]}   # what --quick changes
+    quick: {base: {epochs: 1}, seeds: [0], runs: [full, bsr], datasets: [...],   # what --quick changes
+            sweep: {full: [3.0e-5], bsr: [3.0e-4]}}   # a shorter lr list (or false) for a named entry
     x-anything: ...                    # ignored: a place for YAML anchors (&name) the entries merge (<<: *name)
 
 With `sweep`, every entry that does not opt out first runs once per learning rate (`<point>@lr<value>`, seed
@@ -45,7 +46,7 @@ from ..files import read_yaml
 from ..train import merge_options, resolve_config
 
 STUDY_KEYS = ("name", "base", "datasets", "seeds", "per_dataset", "runs", "measure", "quick", "sweep")
-QUICK_KEYS = ("base", "datasets", "seeds", "runs", "per_dataset")
+QUICK_KEYS = ("base", "datasets", "seeds", "runs", "per_dataset", "sweep")
 MEASURE_DEFAULTS = {"warmup": 1, "steps": 1, "mmap_threshold": 1 << 20}
 
 
@@ -129,6 +130,7 @@ class _Grid:
     quick: bool
     keep_points: Optional[list[str]] = None  # quick.runs
     sweep: Optional[dict] = None  # {lr: [...], seed: N}
+    quick_sweeps: dict = field(default_factory=dict)  # quick.sweep: entry name -> its lr list (or False) under --quick
 
 
 def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> Study:
@@ -155,6 +157,10 @@ def parse_study(data: dict, *, quick: bool = False, source: str = "study") -> St
                            f"{', '.join(points)}")
         runs = [r for r in runs if r.point in grid.keep_points]
         points = [p for p in points if p in grid.keep_points]
+    stray = [p for p in grid.quick_sweeps if p not in points]
+    if stray:
+        raise BSRError(f"{source}: quick.sweep names {stray[0]!r}, which is not a quick run; use one of "
+                       f"{', '.join(points)}")
     _check_lr_from(runs, source)
     measure = merge_options(MEASURE_DEFAULTS, _mapping(data.get("measure"), f"{source}: measure"))
     bad = [k for k in measure if k not in MEASURE_DEFAULTS]
@@ -200,6 +206,7 @@ def _grid(data: dict, quick: bool, source: str) -> _Grid:
             grid.seeds = _names(quick_part["seeds"], f"{source}: quick.seeds", int)
         if "runs" in quick_part:
             grid.keep_points = _names(quick_part["runs"], f"{source}: quick.runs")
+        grid.quick_sweeps = _mapping(quick_part.get("sweep"), f"{source}: quick.sweep")
     for name in grid.per_dataset:
         _mapping(grid.per_dataset[name], f"{source}: per_dataset.{name}")
     if "sweep" in data:
@@ -235,6 +242,8 @@ def _entry_runs(grid: _Grid, i: int, entry: Any, points: list[str]) -> list[RunS
         else grid.datasets
     seeds = _names(entry.pop("seeds"), f"{source}: runs.{name}.seeds", int) if "seeds" in entry else grid.seeds
     sweep = entry.pop("sweep", True)
+    if grid.quick and name in grid.quick_sweeps:
+        sweep = grid.quick_sweeps[name]
     if sweep is True:
         sweep = _lrs(grid.sweep["lr"], f"{source}: sweep.lr") if grid.sweep else None
     elif sweep is False:
