@@ -9,7 +9,7 @@ Here everything is plain PyTorch (no CUDA-only MoE package): the experts' weight
 grouped by expert and each expert runs one matmul over its tokens. Pieces:
 
 - pure routing functions: `route_top_k`, `group_by_expert`, `balance_loss`;
-- `expert_mlps`: every expert's MLP on its rows, without transients of all experts' size;
+- `grouped_linear`: every expert's linear layer on its rows, one weight-gradient tensor for all experts;
 - `MoEMlp`: drop-in replacement of a timm `Mlp` inside a `Block`;
 - `moeify(model, blocks, ...)`: swaps the `Mlp` of chosen blocks for `MoEMlp`s initialised from it, in place;
 - `set_moe_task` / `moe_task` / `moe_aux_loss`: what a trainer calls around a forward;
@@ -95,115 +95,64 @@ def balance_loss(logits: Tensor, experts: Tensor, num_experts: int) -> Tensor:
     return num_experts * (fraction * probs).sum()
 
 
-def expert_mlps(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor], act: nn.Module,
-                counts: list[int]) -> Tensor:
-    """Every expert's fc1 -> act -> fc2 on its own rows: rows grouped by expert, `counts[e]` rows for expert e.
+def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], counts: list[int]) -> Tensor:
+    """Each expert's linear layer on its own rows: rows grouped by expert, `counts[e]` rows for expert e.
 
-    x: (N, C), w1: (E, H, C), b1: (E, H) or None, w2: (E, C_out, H), b2: (E, C_out) or None -> (N, C_out), exactly
-    `F.linear(act(F.linear(x_e, w1[e], b1[e])), w2[e], b2[e])` on each group. What it saves for backward is what
-    autograd would (the rows, fc1's output and act's output); what it avoids is every transient of the size of all
-    experts at once: backward writes each expert's weight gradients straight into one (E, ...) tensor per weight (per
-    expert `F.linear` on `w1.unbind(0)` views builds E gradients and stacks them, twice the experts' weights at once,
-    in the backward of the last MoE block where a BSR step on a MoE model peaks), and runs each expert's chain on its
-    rows only. Without autograd (inference) nothing is kept beyond one expert's hidden rows. Under autocast it
-    computes in the autocast dtype, as `F.linear` would. `act` is one of `FAST_ACTS`; other activations, dropout and
-    LoRA adapters take `MoEMlp`'s autograd path.
+    x: (sum(counts), in), weight: (E, out, in), bias: (E, out) or None -> (sum(counts), out), where expert e's rows
+    are `x_e @ weight[e].T + bias[e]`, exactly `F.linear` on each group. Backward writes every expert's weight
+    gradient into one (E, out, in) tensor; the obvious `weight.unbind(0)` + `F.linear` per expert makes E separate
+    gradients and then stacks them, holding twice the experts' weights at once at the moment the peak of a BSR step
+    on a MoE model falls (the backward of its last MoE block, while the activations of the earlier ones are alive).
+    Under autocast it computes in the autocast dtype, as `F.linear` would.
     """
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2)):
-        return _ExpertMlps.apply(x, w1, b1, w2, b2, act, counts)
-    return _expert_mlps_forward(x, w1, b1, w2, b2, act, counts, keep=False)[0]
+    return _GroupedLinear.apply(x, weight, bias, counts)
 
 
-def _act_backward(act: nn.Module, grad: Tensor, h: Tensor) -> Tensor:
-    """The gradient at act's input `h` from the gradient at its output (no autograd: this runs inside backward)."""
-    if isinstance(act, nn.GELU):
-        return torch.ops.aten.gelu_backward(grad, h, approximate=act.approximate)
-    if isinstance(act, nn.SiLU):
-        return torch.ops.aten.silu_backward(grad, h)
-    return torch.ops.aten.threshold_backward(grad, h, 0.0)  # nn.ReLU
-
-
-FAST_ACTS = (nn.GELU, nn.SiLU, nn.ReLU)  # the activations `expert_mlps` differentiates itself
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-def _expert_mlps_forward(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
-                         act: nn.Module, counts: list[int], keep: bool) -> tuple[Tensor, Optional[Tensor],
-                                                                                 Optional[Tensor]]:
-    """(output, fc1 output, act output) of `expert_mlps`, the last two only with `keep` (for backward)."""
-    dtype = _compute_dtype(x)
-    with torch.autocast(x.device.type, enabled=False):
-        x = x.to(dtype)
-        y = x.new_empty(x.shape[0], w2.shape[1])
-        h_all = x.new_empty(x.shape[0], w1.shape[1]) if keep else None
-        a_all = x.new_empty(x.shape[0], w1.shape[1]) if keep else None
-        rows = [t.split(counts) if t is not None else [None] * len(counts) for t in (x, y, h_all, a_all)]
-        for e, (x_e, y_e, h_e, a_e) in enumerate(zip(*rows)):
-            if not counts[e]:
-                continue
-            h = F.linear(x_e, w1[e].to(dtype), b1[e].to(dtype) if b1 is not None else None)
-            a = act(h)
-            if b2 is None:
-                torch.mm(a, w2[e].to(dtype).t(), out=y_e)
-            else:
-                torch.addmm(b2[e].to(dtype), a, w2[e].to(dtype).t(), out=y_e)
-            if keep:
-                h_e.copy_(h)
-                a_e.copy_(a)
-    return y, h_all, a_all
-
-
-class _ExpertMlps(torch.autograd.Function):
+class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, act, counts):
-        y, h, a = _expert_mlps_forward(x, w1, b1, w2, b2, act, counts, keep=True)
-        need_x, need_w1, need_b1, need_w2 = ctx.needs_input_grad[:4]
-        through_act = need_x or need_w1 or need_b1  # keep only what the wanted gradients need, as autograd does
-        ctx.compute_dtype = h.dtype
-        ctx.save_for_backward(x.to(h.dtype) if need_w1 else None, h if through_act else None,
-                              a if need_w2 else None, w1 if need_x else None, w2 if through_act else None)
-        ctx.act, ctx.counts, ctx.biases = act, counts, (b1 is not None, b2 is not None)
-        ctx.shapes, ctx.dtypes = (w1.shape, w2.shape), (w1.dtype, w2.dtype)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], counts: list[int]) -> Tensor:
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        with torch.autocast(device, enabled=False):
+            x, w = x.to(dtype).contiguous(), weight.to(dtype)
+            b = bias.to(dtype) if bias is not None else None
+            y = x.new_empty(x.shape[0], weight.shape[1])
+            for e, (x_e, y_e) in enumerate(zip(x.split(counts), y.split(counts))):
+                if counts[e]:
+                    torch.mm(x_e, w[e].t(), out=y_e) if b is None else torch.addmm(b[e], x_e, w[e].t(), out=y_e)
+        need_x, need_w = ctx.needs_input_grad[:2]  # keep only what the wanted gradients need, as autograd does
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
+        ctx.counts, ctx.dtype, ctx.has_bias = counts, dtype, bias is not None
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, h, a, w1, w2 = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        need_b1, need_b2 = need_b1 and ctx.biases[0], need_b2 and ctx.biases[1]
-        dtype = ctx.compute_dtype
+        x, weight = ctx.saved_tensors
+        counts = ctx.counts
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and ctx.has_bias
         with torch.autocast(grad.device.type, enabled=False):
-            grad = grad.to(dtype).contiguous()
-            grad_x = grad.new_empty(grad.shape[0], ctx.shapes[0][2]) if need_x else None
-            (w1_shape, w2_shape) = ctx.shapes
-            grads = {name: (grad.new_zeros(shape) if need else None) for name, need, shape in
-                     (("w1", need_w1, w1_shape), ("b1", need_b1, w1_shape[:2]),
-                      ("w2", need_w2, w2_shape), ("b2", need_b2, w2_shape[:2]))}
-            rows = [t.split(ctx.counts) if t is not None else [None] * len(ctx.counts)
-                    for t in (grad, x, h, a, grad_x)]
-            for e, (g_e, x_e, h_e, a_e, gx_e) in enumerate(zip(*rows)):
-                if not ctx.counts[e]:  # an expert without rows keeps a zero gradient
+            grad = grad.to(ctx.dtype).contiguous()
+            grad_x = grad.new_empty(grad.shape[0], ctx.weight_shape[2]) if need_x else None
+            grad_w = grad.new_empty(ctx.weight_shape) if need_w else None
+            grad_b = grad.new_empty(ctx.weight_shape[:2]) if need_b else None
+            w = weight.to(ctx.dtype) if need_x else None
+            rows = [t.split(counts) if t is not None else [None] * len(counts) for t in (grad, x, grad_x)]
+            for e, (g_e, x_e, gx_e) in enumerate(zip(*rows)):
+                if not counts[e]:  # an expert without rows gets a zero gradient, as F.linear on no rows gives
+                    for t in (grad_w, grad_b):
+                        if t is not None:
+                            t[e].zero_()
                     continue
-                if grads["w2"] is not None:
-                    torch.mm(g_e.t(), a_e, out=grads["w2"][e])
-                if grads["b2"] is not None:
-                    torch.sum(g_e, 0, out=grads["b2"][e])
-                if not (need_x or need_w1 or need_b1):
-                    continue
-                grad_h = _act_backward(ctx.act, g_e @ w2[e].to(dtype), h_e)
-                if grads["w1"] is not None:
-                    torch.mm(grad_h.t(), x_e, out=grads["w1"][e])
-                if grads["b1"] is not None:
-                    torch.sum(grad_h, 0, out=grads["b1"][e])
                 if need_x:
-                    torch.mm(grad_h, w1[e].to(dtype), out=gx_e)
-        cast = {"w1": ctx.dtypes[0], "b1": ctx.dtypes[0], "w2": ctx.dtypes[1], "b2": ctx.dtypes[1]}
-        out = {k: (v.to(cast[k]) if v is not None and v.dtype != cast[k] else v) for k, v in grads.items()}
-        return grad_x, out["w1"], out["b1"], out["w2"], out["b2"], None, None
+                    torch.mm(g_e, w[e], out=gx_e)
+                if need_w:
+                    torch.mm(g_e.t(), x_e, out=grad_w[e])
+                if need_b:
+                    torch.sum(g_e, 0, out=grad_b[e])
+        cast = (lambda t: t.to(ctx.weight_dtype) if t is not None else None)
+        return grad_x, cast(grad_w), cast(grad_b), None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -351,45 +300,25 @@ class MoEMlp(nn.Module):
         """Run every token through its experts, grouped by expert: one matmul per expert and layer.
 
         tokens: (T, C), weights, experts: (T, k) -> (T, C_out) = sum_j weights[:, j] * expert_{experts[:, j]}(token).
-        The gathers and `index_add` save only indices for backward; the expert matmuls are `addmm`/`mm`, visible to
-        `FlopCounterMode` (their FLOPs are k times the dense MLP's). Without dropout or LoRA, with GELU, SiLU or ReLU,
-        the experts run in `expert_mlps` (no transient of all experts' size); otherwise one autograd chain per expert.
+        The gathers and `index_add` save only indices for backward; the expert matmuls are `addmm`/`mm`
+        (`grouped_linear`), visible to `FlopCounterMode` (their FLOPs are k times the dense MLP's).
         """
         if tokens.shape[0] == 0:  # no tokens: nothing to concatenate
             return tokens.new_zeros(0, self.w2.shape[1])
         order, token, counts = group_by_expert(experts, self.num_experts)
         routed = tokens[token]  # (T*k, C), grouped by expert
-        dropout = self.training and (self.drop1.p > 0 or self.drop2.p > 0)
-        if self.lora_scale is None and not dropout and type(self.act) in FAST_ACTS:
-            y = expert_mlps(routed, self.w1, self.b1, self.w2, self.b2, self.act, counts)
-        else:
-            y = self._experts_autograd(routed, counts)
+        h = grouped_linear(routed, self.w1, self.b1, counts)
+        if self.lora_scale is not None:  # fc1 + alpha/r * B1(A1(x)), per expert
+            h = h + grouped_linear(grouped_linear(routed, self.lora_a1, None, counts), self.lora_b1, None,
+                                   counts) * self.lora_scale
+        h = self.drop1(self.act(h))
+        y = grouped_linear(h, self.w2, self.b2, counts)
+        if self.lora_scale is not None:
+            y = y + grouped_linear(grouped_linear(h, self.lora_a2, None, counts), self.lora_b2, None,
+                                   counts) * self.lora_scale
+        y = self.drop2(y)  # (T*k, C_out)
         y = y * weights.reshape(-1)[order].to(y.dtype).unsqueeze(1)
         return y.new_zeros(tokens.shape[0], y.shape[1]).index_add_(0, token, y)
-
-    def _experts_autograd(self, routed: Tensor, counts: list[int]) -> Tensor:
-        """The experts with dropout and LoRA adapters, as plain autograd ops per expert. (T*k, C) -> (T*k, C_out)."""
-        w1, w2 = self.w1.unbind(0), self.w2.unbind(0)  # unbind's backward stacks all grads at once
-        b1 = self.b1.unbind(0) if self.b1 is not None else [None] * self.num_experts
-        b2 = self.b2.unbind(0) if self.b2 is not None else [None] * self.num_experts
-        lora = ([t.unbind(0) for t in (self.lora_a1, self.lora_b1, self.lora_a2, self.lora_b2)]
-                if self.lora_scale is not None else None)
-        outs = [self._expert(chunk, w1[e], b1[e], w2[e], b2[e], [t[e] for t in lora] if lora else None)
-                for e, chunk in enumerate(torch.split(routed, counts)) if counts[e]]
-        return torch.cat(outs)
-
-    def _expert(self, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
-                lora: Optional[list[Tensor]] = None) -> Tensor:
-        """One expert on its tokens: fc2(drop1(act(fc1(x)))), dropout after as in timm; with `lora` (this expert's
-        A1, B1, A2, B2) each fc adds alpha/r * B(A(input)). x: (n, C) -> (n, C_out)."""
-        h = F.linear(x, w1, b1)
-        if lora is not None:
-            h = h + F.linear(F.linear(x, lora[0]), lora[1]) * self.lora_scale
-        h = self.drop1(self.act(h))
-        y = F.linear(h, w2, b2)
-        if lora is not None:
-            y = y + F.linear(F.linear(h, lora[2]), lora[3]) * self.lora_scale
-        return self.drop2(y)
 
     def _store_balance_loss(self, logits: Tensor, experts: Tensor) -> None:
         """Keep this forward's balance loss; off the graph when its coefficient is 0, so it costs no memory."""
