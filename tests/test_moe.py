@@ -13,8 +13,8 @@ from timm.models.vision_transformer import Block
 import bsr
 from bsr import BSRConfig, BSRError
 from bsr.measure.flops import count_flops
-from bsr.core.moe import (MoEMlp, MultiTaskViT, balance_loss, build_multitask, grouped_linear, moe_aux_loss,
-                          moe_layers, moe_task, moeify, reprogram_multitask, route_top_k, set_moe_task)
+from bsr.core.moe import (MoEMlp, MultiTaskViT, balance_loss, build_multitask, moe_aux_loss, moe_layers, moe_task,
+                          moeify, reprogram_multitask, route_top_k, set_moe_task)
 
 TINY = dict(img_size=32, patch_size=8, depth=4)  # 16 patches + CLS, width 192
 SMALL_BSR = dict(trainable_blocks="1,3", drop_blocks="1,2", keep_rate=0.5)
@@ -117,35 +117,6 @@ def test_any_token_count_and_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = moe(x)
     assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), moe(x), atol=0.1, rtol=0.05)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_grouped_linear_equals_a_linear_per_expert_with_the_same_gradients(bias):
-    torch.manual_seed(0)
-    counts = [3, 0, 4, 2]  # expert 1 has no rows: zero gradient
-    x = torch.randn(sum(counts), 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 5, 6, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, 5, dtype=torch.float64, requires_grad=True) if bias else None
-    assert torch.autograd.gradcheck(lambda *t: grouped_linear(t[0], t[1], t[2] if bias else None, counts),
-                                    (x, w, b) if bias else (x, w))
-    y = grouped_linear(x, w, b, counts)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [t for t in (x, w, b) if t is not None], g)
-    ref = torch.cat([F.linear(x_e, w_e, b[e] if bias else None)
-                     for e, (x_e, w_e) in enumerate(zip(x.split(counts), w.unbind(0))) if counts[e]])
-    ref_grads = torch.autograd.grad(ref, [t for t in (x, w, b) if t is not None], g)
-    assert torch.equal(y, ref)
-    assert all(torch.equal(a, r) for a, r in zip(grads, ref_grads))
-    assert not grads[1][1].any()
-
-
-def test_grouped_linear_keeps_only_what_the_wanted_gradients_need():
-    x, w = torch.randn(5, 6), torch.randn(2, 4, 6)
-    for x_grad, w_grad, kept in [(True, False, [w]), (False, True, [x]), (True, True, [x, w])]:
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            grouped_linear(x.clone().requires_grad_(x_grad), w.clone().requires_grad_(w_grad), None, [2, 3])
-        assert [tuple(t.shape) for t in saved] == [tuple(t.shape) for t in kept]
 
 
 def test_expert_matmuls_are_counted_as_flops():

@@ -9,7 +9,6 @@ Here everything is plain PyTorch (no CUDA-only MoE package): the experts' weight
 grouped by expert and each expert runs one matmul over its tokens. Pieces:
 
 - pure routing functions: `route_top_k`, `group_by_expert`, `balance_loss`;
-- `grouped_linear`: every expert's linear layer on its rows, one weight-gradient tensor for all experts;
 - `MoEMlp`: drop-in replacement of a timm `Mlp` inside a `Block`;
 - `moeify(model, blocks, ...)`: swaps the `Mlp` of chosen blocks for `MoEMlp`s initialised from it, in place;
 - `set_moe_task` / `moe_task` / `moe_aux_loss`: what a trainer calls around a forward;
@@ -93,66 +92,6 @@ def balance_loss(logits: Tensor, experts: Tensor, num_experts: int) -> Tensor:
     probs = logits.float().softmax(dim=-1).mean(dim=0)  # (E,)
     fraction = torch.bincount(experts.reshape(-1), minlength=num_experts).float() / experts.numel()
     return num_experts * (fraction * probs).sum()
-
-
-def grouped_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], counts: list[int]) -> Tensor:
-    """Each expert's linear layer on its own rows: rows grouped by expert, `counts[e]` rows for expert e.
-
-    x: (sum(counts), in), weight: (E, out, in), bias: (E, out) or None -> (sum(counts), out), where expert e's rows
-    are `x_e @ weight[e].T + bias[e]`, exactly `F.linear` on each group. Backward writes every expert's weight
-    gradient into one (E, out, in) tensor; the obvious `weight.unbind(0)` + `F.linear` per expert makes E separate
-    gradients and then stacks them, holding twice the experts' weights at once at the moment the peak of a BSR step
-    on a MoE model falls (the backward of its last MoE block, while the activations of the earlier ones are alive).
-    Under autocast it computes in the autocast dtype, as `F.linear` would.
-    """
-    return _GroupedLinear.apply(x, weight, bias, counts)
-
-
-class _GroupedLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], counts: list[int]) -> Tensor:
-        device = x.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        with torch.autocast(device, enabled=False):
-            x, w = x.to(dtype).contiguous(), weight.to(dtype)
-            b = bias.to(dtype) if bias is not None else None
-            y = x.new_empty(x.shape[0], weight.shape[1])
-            for e, (x_e, y_e) in enumerate(zip(x.split(counts), y.split(counts))):
-                if counts[e]:
-                    torch.mm(x_e, w[e].t(), out=y_e) if b is None else torch.addmm(b[e], x_e, w[e].t(), out=y_e)
-        need_x, need_w = ctx.needs_input_grad[:2]  # keep only what the wanted gradients need, as autograd does
-        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
-        ctx.counts, ctx.dtype, ctx.has_bias = counts, dtype, bias is not None
-        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, weight = ctx.saved_tensors
-        counts = ctx.counts
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and ctx.has_bias
-        with torch.autocast(grad.device.type, enabled=False):
-            grad = grad.to(ctx.dtype).contiguous()
-            grad_x = grad.new_empty(grad.shape[0], ctx.weight_shape[2]) if need_x else None
-            grad_w = grad.new_empty(ctx.weight_shape) if need_w else None
-            grad_b = grad.new_empty(ctx.weight_shape[:2]) if need_b else None
-            w = weight.to(ctx.dtype) if need_x else None
-            rows = [t.split(counts) if t is not None else [None] * len(counts) for t in (grad, x, grad_x)]
-            for e, (g_e, x_e, gx_e) in enumerate(zip(*rows)):
-                if not counts[e]:  # an expert without rows gets a zero gradient, as F.linear on no rows gives
-                    for t in (grad_w, grad_b):
-                        if t is not None:
-                            t[e].zero_()
-                    continue
-                if need_x:
-                    torch.mm(g_e, w[e], out=gx_e)
-                if need_w:
-                    torch.mm(g_e.t(), x_e, out=grad_w[e])
-                if need_b:
-                    torch.sum(g_e, 0, out=grad_b[e])
-        cast = (lambda t: t.to(ctx.weight_dtype) if t is not None else None)
-        return grad_x, cast(grad_w), cast(grad_b), None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -300,25 +239,38 @@ class MoEMlp(nn.Module):
         """Run every token through its experts, grouped by expert: one matmul per expert and layer.
 
         tokens: (T, C), weights, experts: (T, k) -> (T, C_out) = sum_j weights[:, j] * expert_{experts[:, j]}(token).
-        The gathers and `index_add` save only indices for backward; the expert matmuls are `addmm`/`mm`
-        (`grouped_linear`), visible to `FlopCounterMode` (their FLOPs are k times the dense MLP's).
+        The gathers and `index_add` save only indices for backward; the expert matmuls are `addmm`/`mm`, visible to
+        `FlopCounterMode` (their FLOPs are k times the dense MLP's).
         """
         if tokens.shape[0] == 0:  # no tokens: nothing to concatenate
             return tokens.new_zeros(0, self.w2.shape[1])
         order, token, counts = group_by_expert(experts, self.num_experts)
         routed = tokens[token]  # (T*k, C), grouped by expert
-        h = grouped_linear(routed, self.w1, self.b1, counts)
-        if self.lora_scale is not None:  # fc1 + alpha/r * B1(A1(x)), per expert
-            h = h + grouped_linear(grouped_linear(routed, self.lora_a1, None, counts), self.lora_b1, None,
-                                   counts) * self.lora_scale
-        h = self.drop1(self.act(h))
-        y = grouped_linear(h, self.w2, self.b2, counts)
-        if self.lora_scale is not None:
-            y = y + grouped_linear(grouped_linear(h, self.lora_a2, None, counts), self.lora_b2, None,
-                                   counts) * self.lora_scale
-        y = self.drop2(y)  # (T*k, C_out)
+        w1, w2 = self.w1.unbind(0), self.w2.unbind(0)  # unbind's backward stacks all grads at once
+        b1 = self.b1.unbind(0) if self.b1 is not None else [None] * self.num_experts
+        b2 = self.b2.unbind(0) if self.b2 is not None else [None] * self.num_experts
+        lora = ([t.unbind(0) for t in (self.lora_a1, self.lora_b1, self.lora_a2, self.lora_b2)]
+                if self.lora_scale is not None else None)
+        outs = []
+        for e, chunk in enumerate(torch.split(routed, counts)):
+            if counts[e]:
+                outs.append(self._expert(chunk, w1[e], b1[e], w2[e], b2[e], [t[e] for t in lora] if lora else None))
+        y = torch.cat(outs)  # (T*k, C_out)
         y = y * weights.reshape(-1)[order].to(y.dtype).unsqueeze(1)
         return y.new_zeros(tokens.shape[0], y.shape[1]).index_add_(0, token, y)
+
+    def _expert(self, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+                lora: Optional[list[Tensor]] = None) -> Tensor:
+        """One expert on its tokens: fc2(drop1(act(fc1(x)))), dropout after as in timm; with `lora` (this expert's
+        A1, B1, A2, B2) each fc adds alpha/r * B(A(input)). x: (n, C) -> (n, C_out)."""
+        h = F.linear(x, w1, b1)
+        if lora is not None:
+            h = h + F.linear(F.linear(x, lora[0]), lora[1]) * self.lora_scale
+        h = self.drop1(self.act(h))
+        y = F.linear(h, w2, b2)
+        if lora is not None:
+            y = y + F.linear(F.linear(h, lora[2]), lora[3]) * self.lora_scale
+        return self.drop2(y)
 
     def _store_balance_loss(self, logits: Tensor, experts: Tensor) -> None:
         """Keep this forward's balance loss; off the graph when its coefficient is 0, so it costs no memory."""
