@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from bsr.errors import BSRError
 from bsr.measure.bench import memory_record_isolated
 from bsr.measure.bench_spec import BENCH_METHODS, BenchSpec, bench_config
 from bsr.measure.overhead import overhead
@@ -62,17 +64,24 @@ def main() -> None:
         spec = BenchSpec(model=args.model, batch_size=batch, threads=1, warmup=1, memory_steps=1)
         for method in args.methods.split(","):
             start = time.perf_counter()
-            measured = memory_record_isolated(spec, method)
-            record = {"model": args.model, "batch_size": batch, "method": method, **predicted(spec, method),
-                      "measured_bytes": measured["train_peak_bytes"],
-                      "measured_saved_bytes": measured["saved_activation_bytes"],
-                      "measured_flops": measured["train_flops_per_step"],
-                      "measure_seconds": time.perf_counter() - start}
-            record["error"] = record["predicted_bytes"] / record["measured_bytes"] - 1
+            record = {"model": args.model, "batch_size": batch, "method": method, **predicted(spec, method)}
+            try:
+                measured = memory_record_isolated(spec, method)
+            except BSRError as e:  # e.g. the worker OOM-killed: the configuration does not fit this machine
+                record.update(measured_bytes=None, error=None, failure=str(e),
+                              measure_seconds=time.perf_counter() - start)
+                print(f"{args.model} b{batch} {method}: predicted {record['predicted_bytes'] / MiB:,.1f} MiB, "
+                      f"not measured: {e}", file=sys.stderr, flush=True)
+            else:
+                record.update(measured_bytes=measured["train_peak_bytes"],
+                              measured_saved_bytes=measured["saved_activation_bytes"],
+                              measured_flops=measured["train_flops_per_step"],
+                              measure_seconds=time.perf_counter() - start)
+                record["error"] = record["predicted_bytes"] / record["measured_bytes"] - 1
+                print(f"{args.model} b{batch} {method}: predicted {record['predicted_bytes'] / MiB:,.1f} MiB, "
+                      f"measured {record['measured_bytes'] / MiB:,.1f} MiB ({100 * record['error']:+.1f}%)",
+                      file=sys.stderr, flush=True)
             rows.append(record)
-            print(f"{args.model} b{batch} {method}: predicted {record['predicted_bytes'] / MiB:,.1f} MiB, measured "
-                  f"{record['measured_bytes'] / MiB:,.1f} MiB ({100 * record['error']:+.1f}%)", file=sys.stderr,
-                  flush=True)
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 with open(args.out, "a") as f:
@@ -87,16 +96,23 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---:|---|---:|---:|---:|---|---|")
     for r in rows:
         same = lambda a, b: "yes" if a == b else f"no ({a / MiB:,.1f})"  # noqa: E731
+        if r["measured_bytes"] is None:
+            print(f"| {r['model']} | {r['batch_size']} | {r['method']} | not measured | "
+                  f"{r['predicted_bytes'] / MiB:,.1f} | - | - | - |")
+            continue
         print(f"| {r['model']} | {r['batch_size']} | {r['method']} | {r['measured_bytes'] / MiB:,.1f} | "
               f"{r['predicted_bytes'] / MiB:,.1f} | {100 * r['error']:+.1f}% | "
               f"{r['measured_saved_bytes'] / MiB:,.1f} ({same(r['traced_saved_bytes'], r['measured_saved_bytes'])}) | "
               f"{r['measured_flops'] / 1e9:,.1f} ({'yes' if r['traced_flops'] == r['measured_flops'] else 'no'}) |")
     print()
     for model in dict.fromkeys(r["model"] for r in rows):
-        errors = [r["error"] for r in rows if r["model"] == model]
-        worst = max(errors, key=abs)
-        print(f"- {model}: {len(errors)} configurations, largest error {100 * worst:+.1f}%, "
-              f"median |error| {100 * sorted(map(abs, errors))[len(errors) // 2]:.1f}%")
+        errors = [r["error"] for r in rows if r["model"] == model and r["error"] is not None]
+        if errors:
+            print(f"- {model}: {len(errors)} configurations measured, largest error "
+                  f"{100 * max(errors, key=abs):+.1f}%, median |error| {100 * statistics.median(map(abs, errors)):.1f}%")
+    for r in rows:
+        if r["measured_bytes"] is None:
+            print(f"- not measured: {r['model']} batch {r['batch_size']} {r['method']}: {r['failure']}")
 
 
 if __name__ == "__main__":
