@@ -149,7 +149,7 @@ def test_aux_loss_off_by_default_and_differentiable_when_on():
     aux = moe_aux_loss(moe)
     assert torch.isfinite(aux) and aux.item() == pytest.approx(0.01 * moe.last_balance_loss.item())
     aux.backward()
-    assert moe.gates[0].weight.grad is not None and moe.w1.grad is None
+    assert moe.gates[0].weight.grad is not None and all(w.grad is None for w in moe.w1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -169,6 +169,23 @@ def test_moeify_keeps_outputs_and_other_keys():
     assert model.state_dict()["blocks.1.mlp.w1"].shape == (4, 768, 192)
     with moe_task(model, 1):
         assert torch.allclose(model(images()), ref_out, atol=1e-5)
+
+
+def test_expert_weights_are_parameters_of_their_own_stacked_in_the_state_dict():
+    source = moeify(tiny_vit(num_classes=3), blocks=[1], num_experts=4, top_k=2)
+    names = [n for n, _ in source.named_parameters() if n.startswith("blocks.1.mlp.w")]
+    assert names == [f"blocks.1.mlp.w{k}.{e}" for k in (1, 2) for e in range(4)]
+    with torch.no_grad():
+        for w in source.blocks[1].mlp.w2:
+            w.normal_()
+    target = moeify(tiny_vit(num_classes=3), blocks=[1], num_experts=4, top_k=2)
+    state = source.state_dict()
+    assert torch.equal(state["blocks.1.mlp.w2"][2], source.blocks[1].mlp.w2[2])
+    target.load_state_dict(state, strict=True)  # stacked keys split into the experts again
+    assert all(torch.equal(a, b) for a, b in zip(target.parameters(), source.parameters()))
+    state["blocks.1.mlp.w1"] = state["blocks.1.mlp.w1"][:3]  # 3 experts for a 4-expert layer: refused, not split
+    with pytest.raises(RuntimeError, match="blocks.1.mlp.w1"):
+        target.load_state_dict(state, strict=True)
 
 
 @pytest.mark.parametrize("blocks,match", [([4], "block index 4"), ([-1], "block index -1")])
@@ -232,7 +249,7 @@ def test_reprogram_multitask_trains_moe_blocks_norm_and_heads_only():
     mt(images(), task=1).square().sum().backward()
     got = {n for n, p in mt.named_parameters() if p.grad is not None}
     assert got <= trainable
-    assert {"backbone.blocks.1.mlp.w1", "backbone.blocks.3.mlp.gates.1.weight", "heads.1.weight"} <= got
+    assert {"backbone.blocks.1.mlp.w1.0", "backbone.blocks.3.mlp.gates.1.weight", "heads.1.weight"} <= got
 
 
 def test_experts_see_the_dropped_token_count():
@@ -255,6 +272,17 @@ def test_dense_multitask_and_refusals():
         mt(images(), task=2)
     with pytest.raises(BSRError, match="task gates"):
         MultiTaskViT(moeify(tiny_vit(), blocks=[1], num_experts=2, top_k=1, num_tasks=3), [2, 2])
+
+
+def test_recompute_auto_recomputes_a_first_trained_mixture_only():
+    mt = reprogram_multitask(build_multitask(tiny_vit(), [3], moe_blocks=[1, 3], num_experts=4, top_k=2),
+                             BSRConfig(**SMALL_BSR))
+    assert BSRConfig().recompute == "auto" and bsr.bsr_state(mt.backbone).recompute == "first"
+    dense = bsr.reprogram(tiny_vit(), BSRConfig(**SMALL_BSR))
+    assert bsr.bsr_state(dense).recompute == "none"
+    later = reprogram_multitask(build_multitask(tiny_vit(), [3], moe_blocks=[3], num_experts=4, top_k=2),
+                                BSRConfig(**SMALL_BSR))  # first trained block 1 is dense
+    assert bsr.bsr_state(later.backbone).recompute == "none"
 
 
 def test_recomputation_replays_the_same_noisy_routing():

@@ -37,8 +37,8 @@ def test_run_reports_each_task_and_their_mean(tmp_path):
     assert set(lines[0]["tasks"]) == set(TASKS)
     tensors, _ = read_checkpoint(tmp_path / "run")
     saved = {k[len("param."):] for k in tensors if k.startswith("param.")}
-    assert {"heads.0.weight", "heads.1.weight", "backbone.blocks.3.mlp.w1", "backbone.blocks.3.mlp.gates.1.weight",
-            "backbone.blocks.11.mlp.w2"} <= saved
+    assert {"heads.0.weight", "heads.1.weight", "backbone.blocks.3.mlp.w1.0", "backbone.blocks.3.mlp.gates.1.weight",
+            "backbone.blocks.11.mlp.w2.3"} <= saved
     assert not any(k.startswith(("backbone.blocks.0.", "backbone.patch_embed")) for k in saved)  # frozen by BSR
 
 
@@ -74,7 +74,7 @@ def test_moe_blocks_and_weight_decay(tmp_path):
     assert [i for i, b in enumerate(model.backbone.blocks) if isinstance(b.mlp, MoEMlp)] == [5, 6]
     names = {id(p): n for n, p in model.named_parameters()}
     decay = {names[id(p)]: g["weight_decay"] for g in build_optimizer(cfg, model).param_groups for p in g["params"]}
-    assert decay["backbone.blocks.5.mlp.w1"] == 0.1 and decay["heads.1.weight"] == 0.1
+    assert decay["backbone.blocks.5.mlp.w1.3"] == 0.1 and decay["heads.1.weight"] == 0.1
     for name in ("backbone.blocks.5.mlp.b1", "backbone.pos_embed", "backbone.cls_token", "heads.0.bias"):
         assert decay[name] == 0.0, name
 

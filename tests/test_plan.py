@@ -82,7 +82,7 @@ def synthetic(monkeypatch, per_image: dict[str, int]) -> None:
     trace = trace_config(make_config({**MICRO, "batch_size": 1}), 10, flops=False, eval_batch=1)
 
     def predict(self, cfg, flops=False):
-        kind = "lean" if cfg.bsr.recompute != "none" else "paper"
+        kind = "lean" if cfg.bsr.recompute not in ("none", "auto") else "paper"
         if cfg.bsr.keep_rate != 0.5 or list(cfg.bsr.trainable_blocks) != [3, 7, 11]:
             kind = "cut"
         return trace, (100 + per_image[kind] * cfg.batch_size) << 20

@@ -15,7 +15,7 @@ from ..errors import BSRError
 BlockSpec = Union[str, Sequence[int]]
 
 FROZEN_DTYPES = ("float32", "bfloat16", "float16")
-RECOMPUTE = ("none", "first", "all")
+RECOMPUTE = ("auto", "none", "first", "all")
 PRESETS: dict[str, dict] = {
     "paper": {},
     "lean": {"frozen_dtype": "bfloat16", "recompute": "all", "score_grad": False},
@@ -96,10 +96,11 @@ class BSRConfig:
         metadata={"help": "storage dtype of the frozen blocks' Linear weights (float32, bfloat16, float16); they "
                           "are cast to the activation dtype on the fly and nothing extra is saved for backward"})
     recompute: str = field(
-        default="none",
+        default="auto",
         metadata={"help": "recompute activations in backward instead of keeping them: none; first (the first "
                           "trainable block, the only one that sees every token); all (every block from the first "
-                          "trainable one on)"})
+                          "trainable one on); auto (first when that block is a mixture of experts, whose top-k "
+                          "experts keep k times a dense MLP's activations; else none)"})
 
     def __post_init__(self) -> None:
         _check_spec_syntax(self.trainable_blocks, "trainable_blocks")

@@ -5,8 +5,9 @@ Model-Accelerator Co-design", NeurIPS 2022) replaces the MLP of some ViT blocks 
 token, with one gate per task. The BSR paper (Sarkar et al., arXiv 2405.10951, section on MoE multi-task learning)
 reprograms such a model: the MoE blocks are the trainable blocks, token dropping happens at other blocks.
 
-Here everything is plain PyTorch (no CUDA-only MoE package): the experts' weights are stacked tensors, tokens are
-grouped by expert and each expert runs one matmul over its tokens. Pieces:
+Here everything is plain PyTorch (no CUDA-only MoE package): each expert's fc1 and fc2 weights are parameters of their
+own (`w1[e]`, `w2[e]`, so backward hands every expert its gradient as it is computed, and no stacked gradient is ever
+assembled), the biases are stacked; tokens are grouped by expert and each expert runs one matmul over its tokens. Pieces:
 
 - pure routing functions: `route_top_k`, `group_by_expert`, `balance_loss`;
 - `MoEMlp`: drop-in replacement of a timm `Mlp` inside a `Block`;
@@ -14,7 +15,9 @@ grouped by expert and each expert runs one matmul over its tokens. Pieces:
 - `set_moe_task` / `moe_task` / `moe_aux_loss`: what a trainer calls around a forward;
 - `MultiTaskViT`, `build_multitask`, `reprogram_multitask`: shared backbone, one linear head per task, and BSR on it.
 
-State dict of a MoE layer at block i (everything else keeps timm's keys; `blocks.{i}.mlp.fc1.*`/`fc2.*` are gone):
+State dict of a MoE layer at block i (everything else keeps timm's keys; `blocks.{i}.mlp.fc1.*`/`fc2.*` are gone). The
+per-expert weight parameters (`named_parameters`: `w1.0` ... `w1.{E-1}`) are stacked into one tensor by a state-dict
+hook and split again on load, so files hold one tensor per weight kind:
 
     blocks.{i}.mlp.w1              (E, hidden, C)   expert e's fc1.weight is w1[e]
     blocks.{i}.mlp.b1              (E, hidden)      fc1.bias        (absent if the dense fc1 had no bias)
@@ -113,10 +116,10 @@ def _check_dense_mlp(mlp: nn.Module, where: str) -> None:
 class MoEMlp(nn.Module):
     """A mixture of `num_experts` fc1 -> act -> fc2 experts with top-k routing and one router per task (M3ViT).
 
-    Changes against the host timm `Mlp` it replaces: `fc1`/`fc2` become stacked expert weights `w1, b1, w2, b2`; each
-    token goes through its `top_k` experts (chosen by the current task's gate, `gates[task]`) and their outputs are
-    summed with softmax weights over the selected logits. `act`, `drop1` and `drop2` are the host's. Input may have
-    any leading shape and any token count (token dropping shrinks it freely).
+    Changes against the host timm `Mlp` it replaces: `fc1`/`fc2` become per-expert weights `w1[e]`, `w2[e]` and
+    stacked biases `b1`, `b2`; each token goes through its `top_k` experts (chosen by the current task's gate,
+    `gates[task]`) and their outputs are summed with softmax weights over the selected logits. `act`, `drop1` and
+    `drop2` are the host's. Input may have any leading shape and any token count (token dropping shrinks it freely).
 
     Routing noise: in training, Gaussian noise of std `router_noise` is added to the logits before the top-k choice
     and the softmax (noisy top-k gating, Shazeer et al. 2017, as M3ViT's gate, whose noise std starts at
@@ -137,13 +140,17 @@ class MoEMlp(nn.Module):
         out_features = out_features or in_features
         self.num_experts, self.top_k, self.num_tasks = num_experts, top_k, num_tasks
         self.aux_loss_coef, self.router_noise = float(aux_loss_coef), float(router_noise)
-        self.w1 = nn.Parameter(torch.empty(num_experts, hidden_features, in_features))
+        # One parameter per expert weight: with one stacked (E, ...) parameter, backward would hold every expert's
+        # gradient and then a stacked copy of them at once (twice the layer's weights, early in backward).
+        self.w1 = nn.ParameterList(torch.empty(hidden_features, in_features) for _ in range(num_experts))
         self.b1 = nn.Parameter(torch.zeros(num_experts, hidden_features)) if bias else None
-        self.w2 = nn.Parameter(torch.empty(num_experts, out_features, hidden_features))
+        self.w2 = nn.ParameterList(torch.empty(out_features, hidden_features) for _ in range(num_experts))
         self.b2 = nn.Parameter(torch.zeros(num_experts, out_features)) if bias else None
-        for w in (self.w1, self.w2):  # nn.Linear's default init, per expert (from_mlp overwrites it)
-            for w_e in w.data:
-                nn.init.kaiming_uniform_(w_e, a=5 ** 0.5)
+        for weights in (self.w1, self.w2):  # nn.Linear's default init, per expert (from_mlp overwrites it)
+            for w in weights:
+                nn.init.kaiming_uniform_(w, a=5 ** 0.5)
+        self.register_state_dict_post_hook(_stack_expert_weights)
+        self.register_load_state_dict_pre_hook(_split_expert_weights)
         self.act, self.drop1, self.drop2 = act_layer(), nn.Dropout(drop), nn.Dropout(drop)
         self.gates = nn.ModuleList(nn.Linear(in_features, num_experts) for _ in range(num_tasks))
         for gate in self.gates:  # M3ViT: zero gates, so routing starts uniform and the output starts dense
@@ -156,12 +163,12 @@ class MoEMlp(nn.Module):
     def add_lora(self, rank: int, alpha: float) -> None:
         """LoRA (Hu et al. 2022) on every expert's fc1 and fc2: low-rank factors per expert, A as `nn.Linear`'s
         default init, B zero (so the output is unchanged until training), scaled by alpha / rank, as peft does. The
-        stacked weights are not touched; the adapters run beside them (no merged weight is materialised).
+        expert weights are not touched; the adapters run beside them (no merged weight is materialised).
         Freezing is the caller's (`bsr.train.methods`)."""
         if self.lora_scale is not None:
             raise BSRError("this MoE layer already has LoRA adapters")
-        (e, hidden, c_in), c_out = self.w1.shape, self.w2.shape[1]
-        like = dict(device=self.w1.device, dtype=self.w1.dtype)
+        e, (hidden, c_in), c_out = self.num_experts, self.w1[0].shape, self.w2[0].shape[0]
+        like = dict(device=self.w1[0].device, dtype=self.w1[0].dtype)
         for name, shape_a, shape_b in (("1", (e, rank, c_in), (e, hidden, rank)), ("2", (e, rank, hidden),
                                                                                   (e, c_out, rank))):
             a = nn.Parameter(torch.empty(shape_a, **like))
@@ -173,12 +180,13 @@ class MoEMlp(nn.Module):
 
     @torch.no_grad()
     def merge_lora(self) -> None:
-        """Fold the adapters into the stacked weights (w += alpha/r * B @ A per expert) and remove them."""
+        """Fold the adapters into the expert weights (w += alpha/r * B @ A per expert) and remove them."""
         if self.lora_scale is None:
             return
         for name in ("1", "2"):
             a, b = getattr(self, f"lora_a{name}"), getattr(self, f"lora_b{name}")
-            getattr(self, f"w{name}").add_(torch.bmm(b, a), alpha=self.lora_scale)
+            for w, delta in zip(getattr(self, f"w{name}"), torch.bmm(b, a)):
+                w.add_(delta, alpha=self.lora_scale)
             delattr(self, f"lora_a{name}")
             delattr(self, f"lora_b{name}")
         self.lora_scale = None
@@ -197,16 +205,17 @@ class MoEMlp(nn.Module):
         moe.act, moe.drop1, moe.drop2 = copy.deepcopy(mlp.act), copy.deepcopy(mlp.drop1), copy.deepcopy(mlp.drop2)
         moe.to(device=mlp.fc1.weight.device, dtype=mlp.fc1.weight.dtype)
         with torch.no_grad():
-            moe.w1.copy_(mlp.fc1.weight.expand_as(moe.w1))
-            moe.w2.copy_(mlp.fc2.weight.expand_as(moe.w2))
+            for w1, w2 in zip(moe.w1, moe.w2):
+                w1.copy_(mlp.fc1.weight)
+                w2.copy_(mlp.fc2.weight)
             if moe.b1 is not None:
                 moe.b1.copy_(mlp.fc1.bias.expand_as(moe.b1))
                 moe.b2.copy_(mlp.fc2.bias.expand_as(moe.b2))
         return moe
 
     def extra_repr(self) -> str:
-        e, hidden, c_in = self.w1.shape
-        return (f"in={c_in}, hidden={hidden}, out={self.w2.shape[1]}, experts={e}, top_k={self.top_k}, "
+        (hidden, c_in), c_out = self.w1[0].shape, self.w2[0].shape[0]
+        return (f"in={c_in}, hidden={hidden}, out={c_out}, experts={self.num_experts}, top_k={self.top_k}, "
                 f"tasks={self.num_tasks}, aux_loss_coef={self.aux_loss_coef}, router_noise={self.router_noise}")
 
     def current_gate(self) -> nn.Linear:
@@ -243,10 +252,10 @@ class MoEMlp(nn.Module):
         `FlopCounterMode` (their FLOPs are k times the dense MLP's).
         """
         if tokens.shape[0] == 0:  # no tokens: nothing to concatenate
-            return tokens.new_zeros(0, self.w2.shape[1])
+            return tokens.new_zeros(0, self.w2[0].shape[0])
         order, token, counts = group_by_expert(experts, self.num_experts)
         routed = tokens[token]  # (T*k, C), grouped by expert
-        w1, w2 = self.w1.unbind(0), self.w2.unbind(0)  # unbind's backward stacks all grads at once
+        w1, w2 = self.w1, self.w2
         b1 = self.b1.unbind(0) if self.b1 is not None else [None] * self.num_experts
         b2 = self.b2.unbind(0) if self.b2 is not None else [None] * self.num_experts
         lora = ([t.unbind(0) for t in (self.lora_a1, self.lora_b1, self.lora_a2, self.lora_b2)]
@@ -279,6 +288,26 @@ class MoEMlp(nn.Module):
         else:
             with torch.no_grad():
                 self.last_balance_loss = balance_loss(logits, experts, self.num_experts)
+
+
+def _stack_expert_weights(module: MoEMlp, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict hook: the per-expert weights `w1.{e}`/`w2.{e}` as one stacked tensor `w1`/`w2` (the file layout)."""
+    for name in ("w1", "w2"):
+        keys = [f"{prefix}{name}.{e}" for e in range(module.num_experts)]
+        if all(k in state_dict for k in keys):
+            state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
+
+
+def _split_expert_weights(module: MoEMlp, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                          missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+    """Load-state-dict pre-hook, inverse of `_stack_expert_weights`: a stacked `w1`/`w2` of shape (E, ...) becomes
+    the per-expert entries; another shape is left for `load_state_dict` to report as unexpected."""
+    for name in ("w1", "w2"):
+        stacked = state_dict.get(prefix + name)
+        if isinstance(stacked, Tensor) and stacked.dim() == 3 and stacked.shape[0] == module.num_experts:
+            del state_dict[prefix + name]
+            for e, w in enumerate(stacked.unbind(0)):
+                state_dict[f"{prefix}{name}.{e}"] = w
 
 
 def _check_routing(num_experts: int, top_k: int, num_tasks: int, aux_loss_coef: float, router_noise: float) -> None:

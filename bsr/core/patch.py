@@ -10,7 +10,7 @@ keys, parameters and hooks stay exactly as they were; `restore(model)` swaps the
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -218,6 +218,18 @@ def _trainable_modules(model: VisionTransformer, resolved: ResolvedBSR) -> list[
     return modules + [m for m in (model.norm, model.fc_norm, model.attn_pool, model.head) if m is not None]
 
 
+def resolve_for(model: VisionTransformer, config: BSRConfig) -> ResolvedBSR:
+    """`config` resolved for `model`: explicit block lists, and `recompute="auto"` made concrete: `first` when the
+    first trainable block's MLP is a mixture of experts (`bsr.core.moe.MoEMlp`, recognised by its `num_experts`), whose
+    top-k experts keep k times a dense MLP's activations, else `none`."""
+    resolved = config.resolve(len(model.blocks))
+    if resolved.recompute == "auto":
+        first = resolved.first_trainable
+        mixture = first < resolved.depth and hasattr(model.blocks[first].mlp, "num_experts")
+        resolved = replace(resolved, recompute="first" if mixture else "none")
+    return resolved
+
+
 def reprogram(model: nn.Module, config: Optional[BSRConfig] = None) -> VisionTransformer:
     """Patch a timm `VisionTransformer` in place for BSR and return it.
 
@@ -228,7 +240,7 @@ def reprogram(model: nn.Module, config: Optional[BSRConfig] = None) -> VisionTra
     """
     config = config or BSRConfig()
     _check_host_type(model)
-    resolved = config.resolve(len(model.blocks))
+    resolved = resolve_for(model, config)
     _check_host_features(model, resolved)
 
     state = _PatchState(resolved=resolved, model_class=type(model), block_classes={},

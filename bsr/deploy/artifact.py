@@ -27,7 +27,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from ..core.config import BSRConfig
-from ..core.patch import bsr_state, reprogram
+from ..core.patch import bsr_state, reprogram, resolve_for
 from ..errors import BSRError
 from ..tensorfile import save_tensors
 
@@ -90,7 +90,7 @@ def _bsr_config(vit: nn.Module, bsr: Optional[BSRConfig]) -> Optional[BSRConfig]
     """The BSR config to save: `bsr` if given (checked against the model's patch), else the model's own, else None."""
     resolved = bsr_state(vit)
     if bsr is not None:
-        if resolved is not None and bsr.resolve(resolved.depth) != resolved:
+        if resolved is not None and resolve_for(vit, bsr) != resolved:
             raise BSRError("the bsr config passed to save differs from the one the model is reprogrammed with; "
                            "pass bsr=None to save the model's own configuration")
         return bsr

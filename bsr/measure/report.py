@@ -186,7 +186,7 @@ def _reasons(r: dict) -> list[str]:
     if a.get("softmax_bytes"):
         why.append(f"it counts {_mib(a['softmax_bytes'])} MiB of attention matrices (heads x N^2 per block), which "
                    f"timm's fused attention never stores (it keeps a logsumexp per row)")
-    if cfg.get("recompute", "none") != "none":
+    if cfg.get("recompute", "none") not in ("none", "auto"):
         why.append(f"recompute={cfg['recompute']}: backward re-runs the trained blocks, so little is kept, "
                    f"which the formula does not model")
     rest = r["train_peak_bytes"] - r["param_bytes"] - r["grad_bytes"] - r["optimizer_bytes"] \
