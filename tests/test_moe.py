@@ -13,8 +13,9 @@ from timm.models.vision_transformer import Block
 import bsr
 from bsr import BSRConfig, BSRError
 from bsr.measure.flops import count_flops
-from bsr.core.moe import (MoEMlp, MultiTaskViT, balance_loss, build_multitask, moe_aux_loss, moe_layers, moe_task,
-                          moeify, reprogram_multitask, route_top_k, set_moe_task)
+from bsr.core.moe import (MoEMlp, balance_loss, moe_aux_loss, moe_layers, moe_task, moeify, route_top_k,
+                          set_moe_task)
+from bsr.core.multitask import MultiTaskViT, build_multitask, reprogram_multitask
 
 TINY = dict(img_size=32, patch_size=8, depth=4)  # 16 patches + CLS, width 192
 SMALL_BSR = dict(trainable_blocks="1,3", drop_blocks="1,2", keep_rate=0.5)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bsr.core.moe import MoEMlp, build_multitask, moe_layers
+from bsr.core.moe import MoEMlp, moe_layers
+from bsr.core.multitask import build_multitask
 from bsr.train import export_weights, make_config, setup_model, train
 from bsr.train.checkpoint import read_checkpoint
 from bsr.train.runs import load_run

@@ -9,7 +9,8 @@ from safetensors import safe_open
 
 from bsr.train.checkpoint import read_checkpoint, unflatten_optimizer
 from bsr.errors import BSRError
-from bsr.core.moe import MoEMlp, MultiTaskViT
+from bsr.core.moe import MoEMlp
+from bsr.core.multitask import MultiTaskViT
 from bsr.train import build_optimizer, evaluate_run, export_weights, make_config, setup_model, train
 
 TASKS = ["digits-embedded", "sklearn-digits"]

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..core import models  # noqa: F401  (registers vit_micro_patch4_28)
-from ..core.moe import MultiTaskViT, moeify
+from ..core.moe import moeify
+from ..core.multitask import MultiTaskViT
 from ..data import dataset_info
 from ..errors import BSRError
 from .config import DEVICES, MICRO_MODEL, TrainConfig, check_device_name
@@ -163,7 +164,7 @@ def setup_model(cfg: TrainConfig, device: torch.device, num_classes: Optional[in
                 task_classes: Optional[Sequence[int]] = None, apply: bool = True) -> nn.Module:
     """Build, load base weights, apply the method; seeded so new parameters (head, LoRA) are reproducible.
 
-    With `cfg.tasks`: a `bsr.core.moe.MultiTaskViT` (see `build_multitask_model`) with heads of `task_classes`
+    With `cfg.tasks`: a `bsr.core.multitask.MultiTaskViT` (see `build_multitask_model`) with heads of `task_classes`
     classes (default: each task dataset's). Otherwise the timm model with a head of `num_classes` (default:
     `cfg.num_classes`, else the dataset's). `apply=False` leaves the method out (the host model as built, e.g. for an
     inference baseline).
