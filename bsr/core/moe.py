@@ -149,8 +149,12 @@ class MoEMlp(nn.Module):
         for weights in (self.w1, self.w2):  # nn.Linear's default init, per expert (from_mlp overwrites it)
             for w in weights:
                 nn.init.kaiming_uniform_(w, a=5 ** 0.5)
-        self.register_state_dict_post_hook(_stack_expert_weights)
-        self.register_load_state_dict_pre_hook(_split_expert_weights)
+        if hasattr(self, "register_state_dict_post_hook"):
+            self.register_state_dict_post_hook(_stack_expert_weights)
+            self.register_load_state_dict_pre_hook(_split_expert_weights)
+        else:  # torch < 2.5: the same hooks under their private names
+            self._register_state_dict_hook(_stack_expert_weights)
+            self._register_load_state_dict_pre_hook(_split_expert_weights, with_module=True)
         self.act, self.drop1, self.drop2 = act_layer(), nn.Dropout(drop), nn.Dropout(drop)
         self.gates = nn.ModuleList(nn.Linear(in_features, num_experts) for _ in range(num_tasks))
         for gate in self.gates:  # M3ViT: zero gates, so routing starts uniform and the output starts dense
