@@ -296,3 +296,19 @@ def test_recomputation_replays_the_same_noisy_routing():
         grads.append({n: p.grad for n, p in mt.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.allclose(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_checkpoints_with_stacked_expert_weights_still_load():
+    from bsr.train.checkpoint import load_trainable, trainable_state
+
+    source = build_multitask(tiny_vit(), [3], moe_blocks=[1], num_experts=4, top_k=2)
+    with torch.no_grad():
+        for w in source.backbone.blocks[1].mlp.w1:
+            w.normal_()
+    tensors = trainable_state(source)
+    for kind in ("w1", "w2"):  # the layout of checkpoints written when the experts were one stacked parameter
+        key = f"param.backbone.blocks.1.mlp.{kind}"
+        tensors[key] = torch.stack([tensors.pop(f"{key}.{e}") for e in range(4)])
+    target = build_multitask(tiny_vit(), [3], moe_blocks=[1], num_experts=4, top_k=2)
+    load_trainable(target, tensors, "old.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(target.backbone.blocks[1].mlp.w1, source.backbone.blocks[1].mlp.w1))

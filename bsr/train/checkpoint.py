@@ -163,6 +163,9 @@ def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sou
     """Copy the saved trainable parameters into `model` (built and reprogrammed the same way)."""
     params = dict(model.named_parameters())
     saved = {k[len("param."):]: v for k, v in tensors.items() if k.startswith("param.")}
+    for name in [k for k in saved if k not in params and f"{k}.0" in params and saved[k].dim() > 0]:
+        for i, part in enumerate(saved.pop(name).unbind(0)):  # a stacked MoE expert weight (older checkpoints)
+            saved[f"{name}.{i}"] = part
     unknown = [k for k in saved if k not in params]
     if unknown:
         raise BSRError(f"checkpoint {source} has parameter {unknown[0]!r} that the model lacks; "
