@@ -259,7 +259,6 @@ class MoEMlp(nn.Module):
             return tokens.new_zeros(0, self.w2[0].shape[0])
         order, token, counts = group_by_expert(experts, self.num_experts)
         routed = tokens[token]  # (T*k, C), grouped by expert
-        w1, w2 = self.w1, self.w2
         b1 = self.b1.unbind(0) if self.b1 is not None else [None] * self.num_experts
         b2 = self.b2.unbind(0) if self.b2 is not None else [None] * self.num_experts
         lora = ([t.unbind(0) for t in (self.lora_a1, self.lora_b1, self.lora_a2, self.lora_b2)]
@@ -267,7 +266,8 @@ class MoEMlp(nn.Module):
         outs = []
         for e, chunk in enumerate(torch.split(routed, counts)):
             if counts[e]:
-                outs.append(self._expert(chunk, w1[e], b1[e], w2[e], b2[e], [t[e] for t in lora] if lora else None))
+                outs.append(self._expert(chunk, self.w1[e], b1[e], self.w2[e], b2[e],
+                                         [t[e] for t in lora] if lora else None))
         y = torch.cat(outs)  # (T*k, C_out)
         y = y * weights.reshape(-1)[order].to(y.dtype).unsqueeze(1)
         return y.new_zeros(tokens.shape[0], y.shape[1]).index_add_(0, token, y)
