@@ -69,6 +69,7 @@ def test_sizes_are_exact_and_figures_sane(records):
     assert bsr["tokens"][3] == [17, 10] and bsr["tokens"][-1] == [5, 5]  # CLS + kept + fused: 17 -> 10 -> 7 -> 5
     assert "blocks.0" not in bsr["saved_by_block"] or bsr["saved_by_block"]["blocks.0"] == 0  # frozen prefix
     assert bsr["bsr_config"]["trainable_blocks"] == [3, 7, 11] and full["bsr_config"] is None
+    assert bsr["bsr_config"]["recompute"] == "none"  # the default "auto", as resolved for a dense model
 
 
 def test_ratios_come_from_the_same_run(result, records):
@@ -201,6 +202,7 @@ def test_moe_records_have_every_field_and_ratios_vs_moe_full(moe_result):
     # top-2 of 4 experts: the MoE model does twice the MLP work of the dense one at the MoE blocks.
     assert dense["train_flops_per_step"] < base["train_flops_per_step"]
     assert bsr["bsr_config"]["trainable_blocks"] == [3, 7, 11] and lean["bsr_config"]["recompute"] != "none"
+    assert bsr["bsr_config"]["recompute"] == "first"  # the default "auto", as resolved for a MoE model
     assert base["bsr_config"] is None and dense["multitask"]["has_moe_layers"] is False
 
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.moe import moe_layers
+from ..core.patch import bsr_state
 from ..errors import BSRError
 from ..train import pick_device, setup_model
 from ..train.build import backbone
@@ -143,15 +144,18 @@ def inference_peak(spec: BenchSpec, device: torch.device, name: Optional[str] = 
 
 def training_memory(spec: BenchSpec, name: str, device: torch.device) -> dict:
     """`bsr.measure.protocol` on method `name` (`warmup` steps, then the peak over `memory_steps` steps above the
-    pre-build baseline; saved bytes, FLOPs, sizes), plus forward GMACs, tokens per block and MoE parameters."""
+    pre-build baseline; saved bytes, FLOPs, sizes), plus forward GMACs, tokens per block, MoE parameters and the
+    recomputation the BSR model ran with (`recompute="auto"` resolved for it; None without BSR)."""
     record, work = measure_training(lambda: workload(spec, name, device), device, spec.warmup, spec.memory_steps)
     model, vit, size = work.model, work.host, int(work.images.shape[-1])
+    resolved = bsr_state(vit)
     return {
         **record,
         "fwd_gmacs_per_image": flops.fwd_gmacs_per_image(model, size, device=device, in_chans=3),
         "tokens": [list(t) for t in tokens_per_block(vit if isinstance(model, TaskStep) else model, work.images[:1])],
         "img_size": size,
         "moe_params": sum(p.numel() for layer in moe_layers(vit) for p in layer.parameters()),
+        "recompute": resolved.recompute if resolved is not None else None,
     }
 
 
@@ -335,12 +339,13 @@ def run_bench(spec: BenchSpec, *, command: Optional[str] = None, isolate: bool =
             f"({time.perf_counter() - t0:.0f} s)")
         method, config = method_config(spec, name)
         uses_bsr = method in ("bsr", "tokendrop")
+        recompute = record.pop("recompute")
         moe = {"tasks": spec.num_tasks, "task": MOE_TASK, "experts": spec.moe_experts, "top_k": spec.moe_top_k,
                "has_moe_layers": MOE_METHODS[base_method(name)][1]} if spec.moe else None
         records.append({"method": name, "model": spec.model, "batch_size": spec.batch_size,
                         "optimizer": spec.optimizer, "fused_step": is_fused(name),
                         "bf16_state": has_bf16_state(name), "multitask": moe, **record,
-                        "bsr_config": config.to_dict() if uses_bsr else None,
+                        "bsr_config": {**config.to_dict(), "recompute": recompute} if uses_bsr else None,
                         **analytic_fields(spec, name, record["tokens"])})
 
     times, gflops = round_robin_times(spec, list(spec.methods), device, log)
