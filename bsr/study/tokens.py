@@ -78,23 +78,29 @@ def show_tokens(run_dir: str | Path, images: Sequence[str] = (), dataset_images:
     state = bsr_state(vit)
     if state is None or not state.drop_blocks:
         raise BSRError(f"run {run_dir} drops no tokens (method {cfg.method}); pick a bsr or tokendrop run")
-    x, names = _batch(cfg, image_size(model), images, dataset_images)
+    x, names, classes = _batch(cfg, image_size(model), images, dataset_images)
     with torch.no_grad(), record_kept_tokens(vit) as records:
         preds = (model(x, 0) if cfg.tasks else model(x)).argmax(-1).tolist()
     grid = tuple(vit.patch_embed.grid_size)
     blocks = sorted(records)
     kept = kept_patch_indices([records[b][0] for b in blocks], grid[0] * grid[1])
     pictures = (x * torch.tensor(cfg.std).view(3, 1, 1) + torch.tensor(cfg.mean).view(3, 1, 1)).clamp(0, 1)
-    rows = [(f"{name}\npred {pred}", picture) for name, pred, picture in zip(names, preds, pictures)]
+    rows = [(f"{name}\npred {_class_name(classes, pred)}", picture)
+            for name, pred, picture in zip(names, preds, pictures)]
     title = (f"patches kept ({cfg.method}, keep rate {state.keep_rate}, drop blocks {state.drop_blocks}); "
              f"grey: dropped")
     return _draw(rows, blocks, kept, grid, title, Path(out))
 
 
-def _batch(cfg: TrainConfig, size: int, images: Sequence[str], dataset_images: int) -> tuple[torch.Tensor, list[str]]:
+def _class_name(classes: Sequence[str], index: int) -> str:
+    return str(classes[index]) if index < len(classes) else str(index)
+
+
+def _batch(cfg: TrainConfig, size: int, images: Sequence[str],
+           dataset_images: int) -> tuple[torch.Tensor, list[str], list[str]]:
     """The image files, then `dataset_images` test images of the run's (first) dataset spread over the split, as one
-    normalised batch (B, 3, size, size), and a caption per image."""
-    batch, names = [], []
+    normalised batch (B, 3, size, size), a caption per image, and the class names (empty when the run has none)."""
+    batch, names, classes = [], [], list(cfg.class_names or [])
     if images:
         x, names = _load_image_files(images, size, cfg.mean, cfg.std)
         batch.append(x)
@@ -103,9 +109,9 @@ def _batch(cfg: TrainConfig, size: int, images: Sequence[str], dataset_images: i
         picks = np.linspace(0, len(test_set) - 1, min(dataset_images, len(test_set))).round().astype(int)
         items = [test_set[int(i)] for i in picks]
         batch.append(torch.stack([im for im, _ in items]))
-        classes = getattr(test_set, "classes", None) or []
-        names += [f"test #{i}, label {classes[y] if y < len(classes) else y}" for i, (_, y) in zip(picks, items)]
-    return torch.cat(batch), names
+        classes = list(getattr(test_set, "classes", None) or classes)
+        names += [f"test #{i}, label {_class_name(classes, y)}" for i, (_, y) in zip(picks, items)]
+    return torch.cat(batch), names, classes
 
 
 def _draw(rows: list[tuple[str, torch.Tensor]], blocks: list[int], kept: list[torch.Tensor], grid: tuple[int, int],
