@@ -197,16 +197,20 @@ def plot_accuracy_vs_memory(data: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # the test top-1 at the best validation point (what the tables report) where the study had a validation split,
+    # else the best test top-1 over training
+    with_val = any(a.get("test_at_val_mean") is not None for a in data["aggregates"])
+    mean, std = ("test_at_val_mean", "test_at_val_std") if with_val else ("best_mean", "best_std")
     datasets = data["meta"]["datasets"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5.5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         rows = [a for a in data["aggregates"] if a["dataset"] == dataset
-                and _plotted(a)[0] is not None and a["train_peak_bytes"]]
+                and a.get(mean) is not None and a["train_peak_bytes"]]
         xs = [a["train_peak_bytes"] / MIB for a in rows]
-        ys = [_plotted(a)[0] for a in rows]
+        ys = [a[mean] for a in rows]
         for a, x, y in zip(rows, xs, ys):
             ablation = a["point"] not in (a["method"],) and a["method"] == "bsr"
-            ax.errorbar(x, y, yerr=_plotted(a)[1] or 0, fmt="s" if ablation else "o", ms=5, capsize=2,
+            ax.errorbar(x, y, yerr=a[std] or 0, fmt="s" if ablation else "o", ms=5, capsize=2,
                         color="tab:orange" if ablation else ("tab:red" if a["point"] == "bsr" else "tab:blue"))
             ax.annotate(a["point"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
         front = pareto_front(list(zip(xs, ys)))
@@ -219,7 +223,6 @@ def plot_accuracy_vs_memory(data: dict, path: str | Path) -> None:
         ax.margins(x=0.08, y=0.12)  # room for the labels of the outermost points
         ax.set_title(dataset)
         ax.set_xlabel("training peak memory (MiB, measured RSS above baseline)")
-        with_val = any(a.get("test_at_val_mean") is not None for a in rows)
         ax.set_ylabel(("test top-1 at the best validation point" if with_val else "top-1 best") +
                       " (%), mean over seeds")
         ax.grid(alpha=0.3)
@@ -228,14 +231,6 @@ def plot_accuracy_vs_memory(data: dict, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _plotted(a: dict) -> tuple[Optional[float], Optional[float]]:
-    """What the accuracy-vs-memory plot shows of an aggregate: the test top-1 at the best validation point (mean, std)
-    where the runs had a validation split (chosen without looking at test), else the best test top-1."""
-    if a.get("test_at_val_mean") is not None:
-        return a["test_at_val_mean"], a.get("test_at_val_std")
-    return a["best_mean"], a["best_std"]
 
 
 def write_outputs(data: dict, out: Path) -> None:
