@@ -184,7 +184,7 @@ def test_worker_process_runs_jobs_in_turn(tmp_path):
 def test_multitask_study_label_trains_the_tasks_together(tmp_path):
     """A dataset label "a+b" is a multi-task run (`--tasks a,b`): per-task columns, memory of one task's step."""
     study = {**TINY, "datasets": ["digits-embedded+sklearn-digits"], "quick": {},
-             "base": {**TINY["base"], "moe_experts": 4, "moe_top_k": 2},
+             "base": {**TINY["base"], "moe_experts": 4, "moe_top_k": 2, "val_fraction": 0.25, "steps": 4},
              "runs": [{"name": "full", "method": "full", "lr": 1e-3}, {"name": "dense-full", "method": "full",
                                                                        "moe": False}]}
     parsed = parse_study(study)
@@ -194,7 +194,20 @@ def test_multitask_study_label_trains_the_tasks_together(tmp_path):
     assert set(rows["full"]["tasks"]) == {"digits-embedded", "sklearn-digits"}
     assert rows["full"]["trainable_params"] > rows["dense-full"]["trainable_params"]  # the experts
     assert rows["full"]["train_peak_bytes"] > 0 and rows["full"]["train_flops_per_step"] > 0
-    assert "| point | digits-embedded | sklearn-digits | mean |" in (tmp_path / "out" / "study.md").read_text()
+    md = (tmp_path / "out" / "study.md").read_text()
+    assert "| point | digits-embedded | sklearn-digits | mean |" in md
+    # per task: the test top-1 at the evaluation with the best mean validation top-1 (what the mean column reports)
+    assert "Per task, test top-1 at the best validation point" in md
+    (run,) = [r for r in data["runs"] if r["point"] == "full"]
+    run_dir = tmp_path / "out" / "runs" / "full-digits-embedded+sklearn-digits-s0"
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if "val_acc" in e]
+    assert [e["step"] for e in evals] == [2, 4]
+    best = max(evals, key=lambda e: e["val_acc"])  # the first of equals, as the trainer keeps it
+    assert {name: t["at_val"] for name, t in run["tasks"].items()} == \
+        {name: t["test_acc"] for name, t in best["tasks"].items()}
+    assert rows["full"]["tasks"]["sklearn-digits"]["at_val_mean"] == best["tasks"]["sklearn-digits"]["test_acc"]
+    assert run["test_at_val_best"] == pytest.approx(best["test_acc"])
 
 
 def test_lr_sweep_chooses_on_validation_and_reuses_the_sweep_run(tmp_path):
