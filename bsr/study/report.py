@@ -224,9 +224,11 @@ def plot_accuracy_vs_memory(data: dict, path: str | Path) -> None:
         xs = [a["train_peak_bytes"] / MIB for a in rows]
         ys = [a[mean] for a in rows]
         for a, x, y in zip(rows, xs, ys):
-            ablation = a["point"] not in (a["method"],) and a["method"] == "bsr"
+            # BSR's own point is named after it ("bsr", or "moe-bsr" on a MoE model); other bsr points are ablations
+            main_bsr = a["point"] == "bsr" or a["point"].endswith("-bsr")
+            ablation = a["method"] == "bsr" and not main_bsr
             ax.errorbar(x, y, yerr=a[std] or 0, fmt="s" if ablation else "o", ms=5, capsize=2,
-                        color="tab:orange" if ablation else ("tab:red" if a["point"] == "bsr" else "tab:blue"))
+                        color="tab:orange" if ablation else ("tab:red" if main_bsr else "tab:blue"))
             ax.annotate(a["point"], (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
         front = pareto_front(list(zip(xs, ys)))
         if front:
@@ -241,8 +243,8 @@ def plot_accuracy_vs_memory(data: dict, path: str | Path) -> None:
         ax.set_ylabel(("test top-1 at the best validation point" if with_val else "top-1 best") +
                       " (%), mean over seeds")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"study {data['meta']['name']}: accuracy vs training memory "
-                 f"(circles: methods, squares: BSR ablations)")
+    fig.suptitle(f"study {data['meta']['name']}: accuracy vs training memory\n"
+                 f"(circles: methods, BSR in red; squares: BSR ablations)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
