@@ -42,7 +42,7 @@ def collect(study: Study, out: Path, lrs: Optional[dict] = None) -> dict:
         for a in rows:
             ok = full is not None and full["train_peak_bytes"] and a["train_peak_bytes"]
             a["memory_ratio_vs_full"] = full["train_peak_bytes"] / a["train_peak_bytes"] if ok else None
-            key = "test_at_val_mean" if full is not None and full.get("test_at_val_mean") is not None else "best_mean"
+            key, _ = accuracy_keys(rows)
             a["minus_full"] = (a[key] - full[key] if full is not None and a[key] is not None
                                and full[key] is not None else None)  # in the measure the tables report
     cpu = torch.device("cpu")
@@ -52,6 +52,14 @@ def collect(study: Study, out: Path, lrs: Optional[dict] = None) -> dict:
     sweep = [{"point": point, "dataset": dataset, "lr": lr, "val_best": val, "chosen": lr == c["lr"]}
              for (point, dataset), c in (lrs or {}).items() for lr, val in c["vals"].items()]
     return {"meta": meta, "runs": runs, "aggregates": aggregates, "sweep": sweep}
+
+
+def accuracy_keys(aggregates: list[dict]) -> tuple[str, str]:
+    """The (mean, std) keys of the accuracy a study reports: the test top-1 at the best validation point where the
+    study had a validation split, else the best test top-1 over training (one measure for all its aggregates)."""
+    if any(a.get("test_at_val_mean") is not None for a in aggregates):
+        return "test_at_val_mean", "test_at_val_std"
+    return "best_mean", "best_std"
 
 
 def run_record(run: RunSpec, out: Path) -> dict:
@@ -212,10 +220,8 @@ def plot_accuracy_vs_memory(data: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # the test top-1 at the best validation point (what the tables report) where the study had a validation split,
-    # else the best test top-1 over training
-    with_val = any(a.get("test_at_val_mean") is not None for a in data["aggregates"])
-    mean, std = ("test_at_val_mean", "test_at_val_std") if with_val else ("best_mean", "best_std")
+    mean, std = accuracy_keys(data["aggregates"])
+    with_val = mean == "test_at_val_mean"
     datasets = data["meta"]["datasets"]
     fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5.5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
