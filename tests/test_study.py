@@ -1,5 +1,5 @@
-"""`bsr study` and `bsr show-tokens`: a tiny study end to end, skip and resume, Pareto front, bad study files, the
-committed study files parse offline."""
+"""`bsr study`, `bsr study-combine` and `bsr show-tokens`: a tiny study end to end, skip and resume, seeds pooled
+from two studies, Pareto front, bad study files, the committed study files parse offline."""
 
 import json
 from pathlib import Path
@@ -10,7 +10,7 @@ from PIL import Image
 
 from bsr.cli import EXIT_USER_ERROR, main
 from bsr.errors import BSRError
-from bsr.study import load_study, pareto_front, parse_study, run_state, run_study, show_tokens
+from bsr.study import combine_studies, load_study, pareto_front, parse_study, run_state, run_study, show_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,6 +78,39 @@ def test_changed_config_is_refused_not_mixed(study_out):
     changed = {**TINY, "base": {**TINY["base"], "steps": 3}}
     with pytest.raises(BSRError, match="steps=2.*now says 3.*another --out"):
         run_study(parse_study(changed), out, isolate=False, log=lambda s: None)
+
+
+def test_study_combine_pools_the_seeds_of_two_studies(study_out, tmp_path, capsys):
+    """Seed 0 from the module's study, seed 1 from another study of the same points: one table over both seeds, every
+    mean recomputed from the run records; a point run differently, or a seed found twice, is refused in one line."""
+    first, data0, _ = study_out
+    data1 = run_study(parse_study({**TINY, "seeds": [1]}), tmp_path / "second", isolate=False, tokens=False,
+                      log=lambda s: None)
+    out = tmp_path / "combined"
+    assert main(["study-combine", str(first / "study.json"), str(tmp_path / "second"), "--out", str(out)]) == 0
+    combined = json.loads((out / "study.json").read_text())
+    rows = {a["point"]: a for a in combined["aggregates"]}
+    for point in ("full", "bsr"):
+        runs = [r for d in (data0, data1) for r in d["runs"] if r["point"] == point]
+        assert rows[point]["seeds"] == [0, 1]
+        assert rows[point]["best_mean"] == pytest.approx(sum(r["best"] for r in runs) / 2)
+        measured = next(a for a in data0["aggregates"] if a["point"] == point)  # the first input's measurement
+        assert rows[point]["train_peak_bytes"] == measured["train_peak_bytes"]
+    assert rows["bsr"]["memory_ratio_vs_full"] == pytest.approx(
+        rows["full"]["train_peak_bytes"] / rows["bsr"]["train_peak_bytes"])
+    md = (out / "study.md").read_text()
+    assert "Combined by `bsr study-combine`" in md and "| 2/2 |" in md
+    assert (out / "accuracy_vs_memory.png").stat().st_size > 0
+
+    with pytest.raises(BSRError, match="seed 0 of point full .* is also in"):
+        combine_studies([first, first], "twice")
+    other = json.loads((tmp_path / "second" / "study.json").read_text())
+    next(a for a in other["aggregates"] if a["point"] == "full")["lr"] = 0.5
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    capsys.readouterr()
+    assert main(["study-combine", str(first), str(tmp_path / "other.json"), "--out", str(out)]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "point full on digits-embedded has lr=0.5" in err
 
 
 def test_show_tokens_writes_png(study_out, tmp_path):

@@ -1,5 +1,5 @@
-"""The `bsr` command: `bsr train`, `eval`, `export`, `predict`, `plan`, `bench`, `study` and `show-tokens`, one module
-each.
+"""The `bsr` command: `bsr train`, `eval`, `export`, `predict`, `plan`, `bench`, `study`, `study-combine`,
+`show-tokens` and `weights`: one module per command (`study` also holds `study-combine` and `show-tokens`).
 
 The CLI only parses and calls the library; each command module registers its parser (`add`) and runs it (`run`), and
 no command module imports another. Flags of `train` and `bench` are generated from the dataclass fields of their

@@ -1,4 +1,4 @@
-"""`bsr study` and `bsr show-tokens`: they only parse and call `bsr.study`."""
+"""`bsr study`, `bsr study-combine` and `bsr show-tokens`: they only parse and call `bsr.study`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from ..errors import BSRError
 
 
 def add(sub) -> None:
-    """Register `bsr study` and `bsr show-tokens` on the `bsr` subparsers."""
+    """Register `bsr study`, `bsr study-combine` and `bsr show-tokens` on the `bsr` subparsers."""
     _add_study(sub)
+    _add_combine(sub)
     _add_show_tokens(sub)
 
 
@@ -36,6 +37,27 @@ def _run_study(args: argparse.Namespace) -> int:
     study = load_study(args.study, quick=args.quick)
     out = args.out or str(Path("runs") / f"study-{study.name}{'-quick' if args.quick else ''}")
     run_study(study, out, jobs=args.jobs, tokens=args.tokens, execute_jobs=not args.report_only)
+    return 0
+
+
+def _add_combine(sub) -> None:
+    p = sub.add_parser("study-combine", help="pool the seeds of several studies of the same points into one",
+                       description="Pool the finished runs of several `bsr study` outputs that ran the same points "
+                                   "(same method, BSR settings, lr and steps) with different seeds, e.g. a study split "
+                                   "over sessions, and write study.json, study.md and accuracy_vs_memory.png into "
+                                   "--out with mean ± std over all their seeds. Trains and measures nothing.")
+    p.add_argument("studies", nargs="+", metavar="STUDY.json", help="study.json files (or their directories)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--name", default=None, help="name of the combined study (default: the --out directory's name)")
+    p.set_defaults(run=_run_combine)
+
+
+def _run_combine(args: argparse.Namespace) -> int:
+    from ..study import write_combined
+
+    data = write_combined(args.studies, args.out, args.name)
+    print(f"wrote {Path(args.out) / 'study.md'}, study.json, accuracy_vs_memory.png: {len(data['runs'])} runs "
+          f"from {len(args.studies)} studies")
     return 0
 
 

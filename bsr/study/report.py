@@ -33,18 +33,9 @@ def collect(study: Study, out: Path, lrs: Optional[dict] = None) -> dict:
     an lr sweep (`lrs`, from `bsr.study.runner.choose_lrs`) its validation top-1 per lr and the choice."""
     runs = [run_record(run, out) for run in study.runs]
     configs = study.configs()
-    aggregates = [aggregate(point, dataset, configs[(point, dataset)], runs, out)
+    aggregates = [aggregate(point, dataset, configs[(point, dataset)], runs, _measured(out, point, dataset))
                   for dataset in study.datasets for point in study.points if (point, dataset) in configs]
-    for dataset in study.datasets:
-        rows = [a for a in aggregates if a["dataset"] == dataset]
-        full = next((a for a in rows if a["point"] == "full"), None) or \
-            next((a for a in rows if a["method"] == "full"), None)
-        for a in rows:
-            ok = full is not None and full["train_peak_bytes"] and a["train_peak_bytes"]
-            a["memory_ratio_vs_full"] = full["train_peak_bytes"] / a["train_peak_bytes"] if ok else None
-            key, _ = accuracy_keys(rows)
-            a["minus_full"] = (a[key] - full[key] if full is not None and a[key] is not None
-                               and full[key] is not None else None)  # in the measure the tables report
+    compare_to_full(aggregates, study.datasets)
     cpu = torch.device("cpu")
     meta = {"name": study.name, "measure": study.measure, "datasets": study.datasets, "points": study.points,
             **environment(cpu)}
@@ -52,6 +43,26 @@ def collect(study: Study, out: Path, lrs: Optional[dict] = None) -> dict:
     sweep = [{"point": point, "dataset": dataset, "lr": lr, "val_best": val, "chosen": lr == c["lr"]}
              for (point, dataset), c in (lrs or {}).items() for lr, val in c["vals"].items()]
     return {"meta": meta, "runs": runs, "aggregates": aggregates, "sweep": sweep}
+
+
+def _measured(out: Path, point: str, dataset: str) -> dict:
+    path = out / "measure" / f"{point}-{dataset}.json"
+    return read_json(path, "measurement") if path.is_file() else {}
+
+
+def compare_to_full(aggregates: list[dict], datasets: list[str]) -> None:
+    """Set each aggregate's `memory_ratio_vs_full` and `minus_full` (accuracy minus full fine-tuning's, in the measure
+    the tables report) against the point named "full" on its dataset, else the first point whose method is full."""
+    for dataset in datasets:
+        rows = [a for a in aggregates if a["dataset"] == dataset]
+        full = next((a for a in rows if a["point"] == "full"), None) or \
+            next((a for a in rows if a["method"] == "full"), None)
+        key, _ = accuracy_keys(rows)
+        for a in rows:
+            ok = full is not None and full["train_peak_bytes"] and a["train_peak_bytes"]
+            a["memory_ratio_vs_full"] = full["train_peak_bytes"] / a["train_peak_bytes"] if ok else None
+            a["minus_full"] = (a[key] - full[key] if full is not None and a[key] is not None
+                               and full[key] is not None else None)
 
 
 def accuracy_keys(aggregates: list[dict]) -> tuple[str, str]:
@@ -95,11 +106,10 @@ def tasks_at_val_best(accuracy: dict, evals: list[dict]) -> Optional[dict]:
     return {name: {**t, "at_val": at[name]["test_acc"]} for name, t in tasks.items()}
 
 
-def aggregate(point: str, dataset: str, config: dict, runs: list[dict], out: Path) -> dict:
-    """The aggregate of (point, dataset): means/stds over its finished seeds, and its measured memory and FLOPs."""
+def aggregate(point: str, dataset: str, config: dict, runs: list[dict], measured: dict) -> dict:
+    """The aggregate of (point, dataset): means/stds over its finished seeds (from the run records `runs`), and its
+    memory and FLOPs (`measured`: the configuration's measurement, {} when it has none)."""
     mine = [r for r in runs if r["point"] == point and r["dataset"] == dataset and r["finished"]]
-    mpath = out / "measure" / f"{point}-{dataset}.json"
-    measured = read_json(mpath, "measurement") if mpath.is_file() else {}
     best, best_std = _mean_std([r["best"] for r in mine])
     final, final_std = _mean_std([r["final"] for r in mine])
     val, val_std = _mean_std([r["val_best"] for r in mine if r.get("val_best") is not None])
@@ -163,6 +173,10 @@ def study_markdown(data: dict) -> str:
     """One table per dataset of the aggregates (rendered from `study.json`'s records). "last-eval gain" is the mean
     change of test top-1 between a run's last two evaluations: near zero when the run has reached its plateau."""
     lines = [f"# Study {data['meta']['name']}", ""]
+    if data["meta"].get("combined_from"):
+        lines += ["Combined by `bsr study-combine` from the runs of " +
+                  ", ".join(f"`{s['path']}` (study {s['name']})" for s in data["meta"]["combined_from"]) +
+                  "; memory and FLOPs as the first of them measured each point.", ""]
     for dataset in data["meta"]["datasets"]:
         rows = [a for a in data["aggregates"] if a["dataset"] == dataset]
         lines += [f"## {dataset}", "",

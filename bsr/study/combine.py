@@ -1,0 +1,90 @@
+"""`bsr study-combine`: one study's outputs from the `study.json` of several studies that ran the same points with
+different seeds (a study too long for one session or one machine, split into study files that each train some
+seeds). The run records are pooled and every aggregate recomputed from them, so the tables give mean ± std over all
+the seeds; nothing is trained or measured again.
+
+A point (name and dataset) found in several inputs must have the same method, BSR settings, learning rate and step
+budget in each, and no seed may come from two of them. Memory and FLOPs, measured per configuration, are taken from
+the first input that measured the point (the same configuration measured twice differs only by the noise of the
+allocator); the lr-sweep records of every input are kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from ..errors import BSRError
+from ..files import read_json
+from .report import aggregate, compare_to_full, write_outputs
+
+SAME = ("method", "bsr", "lr", "steps")  # what must agree for two studies' runs of a point to be one point
+MEASURED = ("trainable_params", "train_peak_bytes", "saved_activation_bytes", "train_flops_per_step")
+
+
+def combine_studies(paths: Sequence[str | Path], name: str) -> dict:
+    """The `study.json` content of the studies at `paths` (each a study.json or the directory holding it) pooled."""
+    if len(paths) < 2:
+        raise BSRError(f"study-combine needs at least two study.json files, got {len(paths)}; name every study "
+                       "whose seeds belong together")
+    inputs = [(str(p), read_json(_json_path(p), "study output")) for p in paths]
+    runs, seen, points, datasets, configs, sweep = [], {}, [], [], {}, []
+    for source, data in inputs:
+        for key in ("meta", "runs", "aggregates"):
+            if key not in data:
+                raise BSRError(f"{source}: no {key!r} in this study.json; give the study.json that `bsr study` wrote")
+        for a in data["aggregates"]:
+            key = (a["point"], a["dataset"])
+            if key not in configs:
+                configs[key] = (source, a)
+                points += [a["point"]] if a["point"] not in points else []
+                datasets += [a["dataset"]] if a["dataset"] not in datasets else []
+                continue
+            first_source, first = configs[key]
+            for field in SAME:
+                if a[field] is not None and first[field] is not None and a[field] != first[field]:
+                    raise BSRError(f"{source}: point {a['point']} on {a['dataset']} has {field}={a[field]!r}, but "
+                                   f"{first_source} ran it with {first[field]!r}; combine only studies of the same "
+                                   "configuration (rename the point in one study file if it is another one)")
+        for r in data["runs"]:
+            if not r["finished"]:
+                continue
+            key = (r["point"], r["dataset"], r["seed"])
+            if key in seen:
+                raise BSRError(f"{source}: seed {r['seed']} of point {r['point']} on {r['dataset']} is also in "
+                               f"{seen[key]}; each seed must come from one study only (leave one of them out)")
+            seen[key] = source
+            runs.append(r)
+        sweep += data.get("sweep", [])
+    aggregates = []
+    for dataset in datasets:
+        for point in points:
+            if (point, dataset) not in configs:
+                continue
+            first = configs[(point, dataset)][1]
+            config = {"method": first["method"], "bsr": first["bsr"], "lr": first["lr"], "epochs": first["epochs"]}
+            measured = next(({k: a.get(k) for k in MEASURED} for _, d in inputs for a in d["aggregates"]
+                             if (a["point"], a["dataset"]) == (point, dataset) and a.get("train_peak_bytes")), {})
+            aggregates.append(aggregate(point, dataset, config, runs, measured))
+    compare_to_full(aggregates, datasets)
+    meta = {"name": name, "datasets": datasets, "points": points,
+            "combined_from": [{"path": source, "name": d["meta"].get("name"), "versions": d["meta"].get("versions"),
+                               "machine": d["meta"].get("machine")} for source, d in inputs]}
+    return {"meta": meta, "runs": runs, "aggregates": aggregates, "sweep": sweep}
+
+
+def _json_path(path: str | Path) -> Path:
+    path = Path(path)
+    path = path / "study.json" if path.is_dir() else path
+    if not path.is_file():
+        raise BSRError(f"{path}: no such study output; give a study.json written by `bsr study` (or its directory)")
+    return path
+
+
+def write_combined(paths: Sequence[str | Path], out: str | Path, name: str | None = None) -> dict:
+    """Combine the studies at `paths` and write study.json, study.md and accuracy_vs_memory.png into `out`."""
+    out = Path(out)
+    data = combine_studies(paths, name or out.name)
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(data, out)
+    return data
