@@ -2,6 +2,10 @@
 from two studies, Pareto front, bad study files, the committed study files parse offline."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -212,6 +216,45 @@ def test_worker_process_runs_jobs_in_turn(tmp_path):
     assert all((tmp_path / r.run_id / "report.json").is_file() for r in runs)
     assert "step 2/2" in (tmp_path / runs[0].run_id / "train.log").read_text()  # each job's output in its own log
     assert len(lines) == 2 and lines[-1].startswith("[2/2] train bsr-digits-embedded-s0: best top-1")
+
+
+PARENT = """
+import os, sys, time
+from bsr.study.runner import new_pool
+if __name__ == "__main__":
+    pool = new_pool(1, None)
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 600)  # a long job, still running when this process is killed
+    time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and /proc")
+def test_pool_worker_exits_when_the_study_process_is_killed(tmp_path):
+    """`kill -9` of a study leaves no worker training on (a restarted study would resume its run in a second one)."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        time.sleep(0.5)
+        assert _alive(worker)  # the sleeping job keeps it busy while its parent lives
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 30
+        while _alive(worker) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker)
+    finally:
+        parent.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def test_multitask_study_label_trains_the_tasks_together(tmp_path):

@@ -7,7 +7,8 @@ torch and timm costs several CPU seconds, a good part of a small run). Measureme
 training runs by priority, then seed by seed, so that an interrupted study has every point with fewer seeds rather
 than some points with none. A run with a `report.json` is skipped, one with only a checkpoint resumed. A worker that
 dies (killed, out of memory) breaks its pool: the jobs not finished by then are reported failed, and running the
-study again continues from what finished.
+study again continues from what finished. A worker whose study process is gone exits too, rather than train on into
+a run directory that the next study resumes.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import contextlib
 import gc
 import json
 import multiprocessing
+import multiprocessing.connection
+import os
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -145,10 +149,30 @@ def _in_process(jobs: list[Job]) -> Iterator[tuple[Job, dict, float]]:
         yield job, execute(job.kind, dict(job.payload)), time.time() - t0
 
 
+def new_pool(n_parallel: int, per_child: Optional[int]) -> ProcessPoolExecutor:
+    """A pool of `n_parallel` fresh (`spawn`) processes, each ended when the study's process is gone."""
+    return ProcessPoolExecutor(n_parallel, mp_context=multiprocessing.get_context("spawn"),
+                               max_tasks_per_child=per_child, initializer=_exit_with_parent)
+
+
+def _exit_with_parent() -> None:
+    """In a pool process: exit as soon as the process that started it is gone. A study killed with `kill` or by the
+    out-of-memory killer gets no chance to stop its pool, and a worker left running would go on training into a run
+    directory that the next `bsr study` resumes in a second process."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])  # ready when the parent's end of the pipe closes
+        os._exit(1)
+
+    threading.Thread(target=watch, name="bsr-exit-with-parent", daemon=True).start()
+
+
 def _in_pool(jobs: list[Job], n_parallel: int, per_child: Optional[int]) -> Iterator[tuple[Job, dict, float]]:
     """(job, result, seconds) as the jobs finish; the pool takes them in order."""
-    pool = ProcessPoolExecutor(n_parallel, mp_context=multiprocessing.get_context("spawn"),
-                               max_tasks_per_child=per_child)
+    pool = new_pool(n_parallel, per_child)
     try:
         started = time.time()
         futures = {pool.submit(_run_logged, job.kind, job.payload, str(job.log_path)): job for job in jobs}
