@@ -1,5 +1,5 @@
-"""Files: atomic writes that survive a kill or a full disk, content hashes, and the one reader of text, YAML and JSON
-files (the lowest layer, used by all).
+"""Files: atomic writes that survive a kill or a full disk, content hashes, the one reader of text, YAML and JSON
+files, and the lock that keeps a second process out of a directory being written (the lowest layer, used by all).
 
 A file is written through a temporary file in the same directory, fsynced, then moved over the target with one
 `os.replace`, so a reader sees the old file or the new one, never a mix, and a failed write leaves the old one intact.
@@ -7,12 +7,13 @@ A file is written through a temporary file in the same directory, fsynced, then 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 from .errors import BSRError
 
@@ -72,6 +73,46 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def exclusive_dir(directory: Path, what: str = "directory") -> Iterator[None]:
+    """Hold an exclusive OS lock on `directory` for the `with` block; a one-line `BSRError` if another open handle
+    (another process) holds it. The OS drops the lock when the handle is closed or its process ends, however it ends:
+    a killed run leaves no stale lock behind. POSIX locks the directory itself (no file is added to it); Windows,
+    which cannot lock a directory, a `.bsr.lock` file in it."""
+    try:
+        handle = _lock(directory)
+    except BlockingIOError:
+        raise BSRError(f"{what} {directory} is in use by another bsr process; wait for it to end or stop it, "
+                       "then run again") from None
+    try:
+        yield
+    finally:
+        os.close(handle)
+
+
+def _lock(directory: Path) -> int:
+    """An open handle on `directory` (Windows: on its `.bsr.lock`) holding a lock taken without waiting."""
+    if os.name == "nt":
+        import msvcrt
+
+        fd = os.open(directory / ".bsr.lock", os.O_RDWR | os.O_CREAT)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            os.close(fd)
+            raise BlockingIOError from None
+        return fd
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 # ------------------------------------------------------------------------------------------------- reading

@@ -232,6 +232,23 @@ def test_sigkilled_cli_run_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_a_run_directory_in_use_is_refused_untouched(tmp_path):
+    """A second process on a run directory that one is training (a study started twice, an orphaned worker, the same
+    --resume in two terminals) stops with one line and writes nothing; once the holder is gone, resume works."""
+    from bsr.files import exclusive_dir
+
+    cfg = tiny(tmp_path, steps=3)
+    train(cfg, progress=False)
+    run = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    more = tiny(tmp_path, steps=6)
+    with exclusive_dir(run, "run directory"):  # another open file: the OS lock conflicts as with another process
+        with pytest.raises(BSRError, match="run directory .* is in use by another bsr process; wait"):
+            train(more, resume=run, progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert train(more, resume=run, progress=False)["steps"] == 6
+
+
 def test_bsr_preset_is_a_base_that_explicit_options_override(tmp_path):
     cfg = resolve_config({"bsr": {"preset": "lean", "keep_rate": 0.3}})
     assert cfg.bsr.frozen_dtype == "bfloat16" and cfg.bsr.recompute == "all" and cfg.bsr.keep_rate == 0.3

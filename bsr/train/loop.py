@@ -1,6 +1,6 @@
 """The training loop of `bsr train` (Sarkar et al., arXiv 2405.10951): one `TrainConfig` in, a run directory out.
 
-`train_in_group` reads top to bottom: schedule, forward, backward, clip, step, log, evaluate, checkpoint. Setting up
+`_train_run` reads top to bottom: schedule, forward, backward, clip, step, log, evaluate, checkpoint. Setting up
 (model, data, optimizer, resume) is `_setup`; the run's objects, files and report are `bsr.train.runs`; the data
 order is `bsr.train.batches`. The loop never waits for the device inside a step: loss and top-1 stay on the device
 (`bsr.train.meter`) until a log step or a checkpoint, where one sync moves them to the host and a non-finite loss
@@ -54,8 +54,15 @@ def train_in_group(cfg: TrainConfig, dp: Group, resume: Optional[str | Path] = N
     """`train` as one rank of `dp` (a single-process `Group` trains alone); returns the report on every rank.
 
     An epoch is a pass over the largest task's training set; smaller tasks cycle their own seeded epochs faster.
+    The run directory stays locked against other processes until the run ends, however it ends.
     """
-    run = _setup(cfg, dp, resume)
+    with contextlib.ExitStack() as held:
+        return _train_run(_setup(cfg, dp, resume, held), progress)
+
+
+def _train_run(run: Run, progress: bool) -> dict:
+    """The loop itself, from `run`'s state to the end of its budget; returns the report."""
+    cfg, dp = run.cfg, run.dp
     net, optimizer, scaler, device, state = run.net, run.optimizer, run.scaler, dp.device, run.progress
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     meter = StepMeter([task.name for task in run.tasks], cfg.log_every, device, state.log_window)
@@ -124,9 +131,9 @@ def _no_sync(net: nn.Module, skip: bool):
     return net.no_sync() if skip and hasattr(net, "no_sync") else contextlib.nullcontext()
 
 
-def _setup(cfg: TrainConfig, dp: Group, resume: Optional[str | Path]) -> Run:
+def _setup(cfg: TrainConfig, dp: Group, resume: Optional[str | Path], held: contextlib.ExitStack) -> Run:
     """Everything the loop needs, with the checkpoint of `resume` restored. Everything that can fail on bad input
-    happens before the first file is written."""
+    happens before the first file is written. The run directory's lock goes on `held`."""
     if cfg.batch_size % dp.world_size:
         raise BSRError(f"batch_size={cfg.batch_size} is not divisible by the {dp.world_size} processes; each "
                        f"takes an equal slice of every batch")
@@ -135,7 +142,7 @@ def _setup(cfg: TrainConfig, dp: Group, resume: Optional[str | Path]) -> Run:
     released = cfg.release_memory and release_freed_memory()  # before any model or data is allocated
     if cfg.out is None:
         cfg.out = dp.broadcast(default_out(cfg))  # named after rank 0's clock: ranks may straddle a second
-    files = RunFiles(Path(cfg.out), write=dp.is_main)
+    files = RunFiles(Path(cfg.out), write=dp.is_main, held=held)
     saved = read_checkpoint(resume) if resume is not None else None
     files.check(resuming=saved is not None)
     if saved is not None:  # every file resume touches is checked before the first write

@@ -10,6 +10,7 @@ other ranks (none of the shipped methods uses dropout by default) differ from th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -31,7 +32,7 @@ from ..core.moe import moe_aux_loss
 from ..core.patch import bsr_state, restore
 from ..data import dataset_slug
 from ..errors import BSRError
-from ..files import OUTPUT_FIX, atomic_write_bytes, read_json, read_json_lines, read_yaml
+from ..files import OUTPUT_FIX, atomic_write_bytes, exclusive_dir, read_json, read_json_lines, read_yaml
 from ..tensorfile import save_tensors
 from ..version import __version__
 from . import distributed
@@ -46,12 +47,21 @@ from .methods import ParamCount, format_tokens, merge_lora
 class RunFiles:
     """The run directory: config.yaml, metrics.jsonl, report.json and the checkpoint.
 
-    `write=False` (data-parallel ranks other than 0) checks the directory like rank 0 but writes nothing.
+    `write=False` (data-parallel ranks other than 0) checks the directory like rank 0 but writes nothing. With `held`,
+    the directory is locked (`bsr.files.exclusive_dir`) from the moment it exists until `held` closes.
     """
 
-    def __init__(self, out: Path, write: bool = True) -> None:
-        self.out, self.write = out, write
+    def __init__(self, out: Path, write: bool = True, held: Optional[contextlib.ExitStack] = None) -> None:
+        self.out, self.write, self.held = out, write, held
         self.metrics = out / "metrics.jsonl"
+        self.locked = False
+
+    def _hold(self) -> None:
+        """With `held` (training), lock the directory until `held` closes, so that a second process (a study run
+        twice, the same --resume in two terminals) stops with one line instead of writing the same run."""
+        if self.held is not None and self.write and not self.locked and self.out.is_dir():
+            self.held.enter_context(exclusive_dir(self.out, "run directory"))
+            self.locked = True
 
     def check(self, resuming: bool) -> None:
         """Refuse an out path that is a file, or that holds another run (never overwrite one)."""
@@ -67,6 +77,7 @@ class RunFiles:
             raise BSRError(f"out={str(self.out)!r} cannot be created: {existing} is not a directory")
         if not os.access(existing, os.W_OK):
             raise BSRError(f"out={str(self.out)!r} is not writable ({existing}); pick another --out")
+        self._hold()
 
     def prepare(self, cfg: TrainConfig) -> None:
         """Create the directory and write the resolved config."""
@@ -76,6 +87,7 @@ class RunFiles:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise BSRError(f"cannot create out dir {self.out}: {e.strerror or e}") from None
+        self._hold()
         atomic_write_bytes(self.out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 
     def metrics_until(self, step: int) -> Optional[list[dict]]:
