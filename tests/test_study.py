@@ -65,6 +65,19 @@ def test_second_invocation_skips_finished_runs(study_out):
     assert report.stat().st_mtime_ns == before
 
 
+def test_a_second_study_in_the_same_directory_is_refused(study_out):
+    """While a study runs into `out` another is refused (it would resume the same runs); rendering is not."""
+    from bsr.files import exclusive_dir
+
+    out, _, _ = study_out
+    with exclusive_dir(out, "study directory"):  # the running study's lock
+        with pytest.raises(BSRError, match="study directory .* is in use by another bsr process"):
+            run_study(parse_study(TINY), out, isolate=False, tokens=False, log=lambda s: None)
+        data = run_study(parse_study(TINY), out, isolate=False, tokens=False, log=lambda s: None,
+                         execute_jobs=False)
+    assert {a["point"] for a in data["aggregates"]} == {"full", "bsr"}
+
+
 def test_killed_run_resumes_from_its_checkpoint(study_out):
     out, _, _ = study_out
     run_dir = out / "runs" / "bsr-digits-embedded-s0"

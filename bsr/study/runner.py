@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from ..errors import BSRError
-from ..files import atomic_write_bytes, read_json
+from ..files import atomic_write_bytes, exclusive_dir, read_json
 from ..measure.protocol import measure_config
 from ..train import config_of_run, make_config, train
 from ..train.checkpoint import CHECKPOINT_NAME
@@ -283,12 +283,19 @@ def run_study(study: Study, out: str | Path, *, jobs: int = 1, isolate: bool = T
 
     Returns the `study.json` content. Failed runs are reported in the outputs and raise a `BSRError` at the end.
     `execute_jobs=False` only renders the outputs from what has finished so far (unfinished runs show as missing
-    seeds).
+    seeds), also while a study runs; a second study running into the same `out` is refused in one line.
     """
     if jobs < 1:
         raise BSRError(f"jobs={jobs} must be at least 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        if execute_jobs:  # one study at a time in `out` (rendering what has finished may go on beside it)
+            held.enter_context(exclusive_dir(out, "study directory"))
+        return _run(study, out, jobs, isolate, tokens, log, execute_jobs)
+
+
+def _run(study: Study, out: Path, jobs: int, isolate: bool, tokens: bool, log: Log, execute_jobs: bool) -> dict:
     t_start = time.time()
     done: list[Job] = []
     results: dict[str, dict] = {}
