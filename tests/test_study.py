@@ -122,12 +122,12 @@ def test_study_combine_pools_the_seeds_of_two_studies(study_out, tmp_path, capsy
     with pytest.raises(BSRError, match="seed 0 of point full .* is also in"):
         combine_studies([first, first], "twice")
     other = json.loads((tmp_path / "second" / "study.json").read_text())
-    next(a for a in other["aggregates"] if a["point"] == "full")["lr"] = 0.5
+    next(a for a in other["aggregates"] if a["point"] == "full")["config"]["img_size"] = 32  # any training option
     (tmp_path / "other.json").write_text(json.dumps(other))
     capsys.readouterr()
     assert main(["study-combine", str(first), str(tmp_path / "other.json"), "--out", str(out)]) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "point full on digits-embedded has lr=0.5" in err
+    assert len(err.splitlines()) == 1 and "point full on digits-embedded has img_size=32" in err
 
 
 def test_show_tokens_writes_png(study_out, tmp_path):

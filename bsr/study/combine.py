@@ -3,8 +3,9 @@ different seeds (a study too long for one session or one machine, split into stu
 seeds). The run records are pooled and every aggregate recomputed from them, so the tables give mean ± std over all
 the seeds; nothing is trained or measured again.
 
-A point (name and dataset) found in several inputs must have the same method, BSR settings, learning rate and step
-budget in each, and no seed may come from two of them. Memory and FLOPs, measured per configuration, are taken from
+A point (name and dataset) found in several inputs must have been trained with the same options in each (every
+option both record; a study.json written before aggregates carried their config: the same method, BSR settings,
+learning rate and step budget), and no seed may come from two of them. Memory and FLOPs, measured per configuration, are taken from
 the first input that measured the point (the same configuration measured twice differs only by the noise of the
 allocator); the lr-sweep records of every input are kept.
 """
@@ -18,7 +19,7 @@ from ..errors import BSRError
 from ..files import read_json
 from .report import aggregate, compare_to_full, write_outputs
 
-SAME = ("method", "bsr", "lr", "steps")  # what must agree for two studies' runs of a point to be one point
+SAME = ("method", "bsr", "lr", "steps")  # what must agree when an input's aggregates carry no config
 MEASURED = ("trainable_params", "train_peak_bytes", "saved_activation_bytes", "train_flops_per_step")
 
 
@@ -41,10 +42,10 @@ def combine_studies(paths: Sequence[str | Path], name: str) -> dict:
                 datasets += [a["dataset"]] if a["dataset"] not in datasets else []
                 continue
             first_source, first = configs[key]
-            for field in SAME:
-                if a[field] is not None and first[field] is not None and a[field] != first[field]:
-                    raise BSRError(f"{source}: point {a['point']} on {a['dataset']} has {field}={a[field]!r}, but "
-                                   f"{first_source} ran it with {first[field]!r}; combine only studies of the same "
+            for field, ours, theirs in _compared(a, first):
+                if ours != theirs:
+                    raise BSRError(f"{source}: point {a['point']} on {a['dataset']} has {field}={ours!r}, but "
+                                   f"{first_source} ran it with {theirs!r}; combine only studies of the same "
                                    "configuration (rename the point in one study file if it is another one)")
         for r in data["runs"]:
             if not r["finished"]:
@@ -62,7 +63,7 @@ def combine_studies(paths: Sequence[str | Path], name: str) -> dict:
             if (point, dataset) not in configs:
                 continue
             first = configs[(point, dataset)][1]
-            config = {"method": first["method"], "bsr": first["bsr"], "lr": first["lr"], "epochs": first["epochs"]}
+            config = first.get("config") or {k: first[k] for k in ("method", "bsr", "lr", "epochs")}
             measured = next(({k: a.get(k) for k in MEASURED} for _, d in inputs for a in d["aggregates"]
                              if (a["point"], a["dataset"]) == (point, dataset) and a.get("train_peak_bytes")), {})
             aggregates.append(aggregate(point, dataset, config, runs, measured))
@@ -71,6 +72,14 @@ def combine_studies(paths: Sequence[str | Path], name: str) -> dict:
             "combined_from": [{"path": source, "name": d["meta"].get("name"), "versions": d["meta"].get("versions"),
                                "machine": d["meta"].get("machine")} for source, d in inputs]}
     return {"meta": meta, "runs": runs, "aggregates": aggregates, "sweep": sweep}
+
+
+def _compared(a: dict, b: dict) -> list[tuple[str, object, object]]:
+    """(option, a's value, b's value) for what two aggregates of one point must agree on: every training option both
+    recorded (studies written since aggregates carry their `config`), else the method, BSR settings, lr and steps."""
+    if a.get("config") is not None and b.get("config") is not None:
+        return [(k, a["config"][k], b["config"][k]) for k in a["config"] if k in b["config"]]
+    return [(k, a[k], b[k]) for k in SAME if a[k] is not None and b[k] is not None]
 
 
 def _json_path(path: str | Path) -> Path:
