@@ -29,49 +29,64 @@ def combine_studies(paths: Sequence[str | Path], name: str) -> dict:
         raise BSRError(f"study-combine needs at least two study.json files, got {len(paths)}; name every study "
                        "whose seeds belong together")
     inputs = [(str(p), read_json(_json_path(p), "study output")) for p in paths]
+    try:
+        return _combine(inputs, name)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise BSRError(f"{', '.join(s for s, _ in inputs)}: one is not a study.json as `bsr study` writes it "
+                       f"({type(e).__name__}: {e}); give the study.json of each study, or render it again with "
+                       "`bsr study ... --report-only`") from None
+
+
+def _combine(inputs: list[tuple[str, dict]], name: str) -> dict:
     runs, seen, points, datasets, configs, sweep = [], {}, [], [], {}, []
     for source, data in inputs:
-        for key in ("meta", "runs", "aggregates"):
-            if key not in data:
-                raise BSRError(f"{source}: no {key!r} in this study.json; give the study.json that `bsr study` wrote")
-        for a in data["aggregates"]:
-            key = (a["point"], a["dataset"])
-            if key not in configs:
-                configs[key] = (source, a)
-                points += [a["point"]] if a["point"] not in points else []
-                datasets += [a["dataset"]] if a["dataset"] not in datasets else []
-                continue
-            first_source, first = configs[key]
-            for field, ours, theirs in _compared(a, first):
-                if ours != theirs:
-                    raise BSRError(f"{source}: point {a['point']} on {a['dataset']} has {field}={ours!r}, but "
-                                   f"{first_source} ran it with {theirs!r}; combine only studies of the same "
-                                   "configuration (rename the point in one study file if it is another one)")
-        for r in data["runs"]:
-            if not r["finished"]:
-                continue
-            key = (r["point"], r["dataset"], r["seed"])
-            if key in seen:
-                raise BSRError(f"{source}: seed {r['seed']} of point {r['point']} on {r['dataset']} is also in "
-                               f"{seen[key]}; each seed must come from one study only (leave one of them out)")
-            seen[key] = source
-            runs.append(r)
+        _pool(source, data, runs, seen, points, datasets, configs)
         sweep += data.get("sweep", [])
     aggregates = []
     for dataset in datasets:
         for point in points:
             if (point, dataset) not in configs:
                 continue
+            mine = [a for _, d in inputs for a in d["aggregates"] if (a["point"], a["dataset"]) == (point, dataset)]
             first = configs[(point, dataset)][1]
-            config = first.get("config") or {k: first[k] for k in ("method", "bsr", "lr", "epochs")}
-            measured = next(({k: a.get(k) for k in MEASURED} for _, d in inputs for a in d["aggregates"]
-                             if (a["point"], a["dataset"]) == (point, dataset) and a.get("train_peak_bytes")), {})
+            config = next((a["config"] for a in mine if a.get("config")), None) or \
+                {k: first[k] for k in ("method", "bsr", "lr", "epochs")}
+            measured = next(({k: a.get(k) for k in MEASURED} for a in mine if a.get("train_peak_bytes")), {})
             aggregates.append(aggregate(point, dataset, config, runs, measured))
     compare_to_full(aggregates, datasets)
     meta = {"name": name, "datasets": datasets, "points": points,
             "combined_from": [{"path": source, "name": d["meta"].get("name"), "versions": d["meta"].get("versions"),
                                "machine": d["meta"].get("machine")} for source, d in inputs]}
     return {"meta": meta, "runs": runs, "aggregates": aggregates, "sweep": sweep}
+
+
+def _pool(source: str, data: dict, runs: list, seen: dict, points: list, datasets: list, configs: dict) -> None:
+    """Add one input's points (checked against the same points of earlier inputs) and finished runs."""
+    for key in ("meta", "runs", "aggregates"):
+        if key not in data:
+            raise BSRError(f"{source}: no {key!r} in this study.json; give the study.json that `bsr study` wrote")
+    for a in data["aggregates"]:
+        key = (a["point"], a["dataset"])
+        if key not in configs:
+            configs[key] = (source, a)
+            points += [a["point"]] if a["point"] not in points else []
+            datasets += [a["dataset"]] if a["dataset"] not in datasets else []
+            continue
+        first_source, first = configs[key]
+        for field, ours, theirs in _compared(a, first):
+            if ours != theirs:
+                raise BSRError(f"{source}: point {a['point']} on {a['dataset']} has {field}={ours!r}, but "
+                               f"{first_source} ran it with {theirs!r}; combine only studies of the same "
+                               "configuration (rename the point in one study file if it is another one)")
+    for r in data["runs"]:
+        if not r["finished"]:
+            continue
+        key = (r["point"], r["dataset"], r["seed"])
+        if key in seen:
+            raise BSRError(f"{source}: seed {r['seed']} of point {r['point']} on {r['dataset']} is also in "
+                           f"{seen[key]}; each seed must come from one study only (leave one of them out)")
+        seen[key] = source
+        runs.append(r)
 
 
 def _compared(a: dict, b: dict) -> list[tuple[str, object, object]]:
