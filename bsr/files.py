@@ -8,6 +8,7 @@ A file is written through a temporary file in the same directory, fsynced, then 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -80,7 +81,8 @@ def exclusive_dir(directory: Path, what: str = "directory") -> Iterator[None]:
     """Hold an exclusive OS lock on `directory` for the `with` block; a one-line `BSRError` if another open handle
     (another process) holds it. The OS drops the lock when the handle is closed or its process ends, however it ends:
     a killed run leaves no stale lock behind. POSIX locks the directory itself (no file is added to it); Windows,
-    which cannot lock a directory, a `.bsr.lock` file in it."""
+    which cannot lock a directory, a `.bsr.lock` file in it. Where the file system has no locks (some network
+    mounts), the block runs unlocked."""
     try:
         handle = _lock(directory)
     except BlockingIOError:
@@ -89,29 +91,33 @@ def exclusive_dir(directory: Path, what: str = "directory") -> Iterator[None]:
     try:
         yield
     finally:
-        os.close(handle)
+        if handle is not None:
+            os.close(handle)
 
 
-def _lock(directory: Path) -> int:
-    """An open handle on `directory` (Windows: on its `.bsr.lock`) holding a lock taken without waiting."""
-    if os.name == "nt":
-        import msvcrt
-
-        fd = os.open(directory / ".bsr.lock", os.O_RDWR | os.O_CREAT)
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            os.close(fd)
-            raise BlockingIOError from None
-        return fd
-    import fcntl
-
-    fd = os.open(directory, os.O_RDONLY)
+def _lock(directory: Path) -> Optional[int]:
+    """An open handle on `directory` (Windows: on its `.bsr.lock`) holding a lock taken without waiting;
+    `BlockingIOError` if another handle holds it, None if this file system cannot lock."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BaseException:
+        if os.name == "nt":
+            import msvcrt
+
+            fd = os.open(directory / ".bsr.lock", os.O_RDWR | os.O_CREAT)
+            lock = lambda: msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # noqa: E731
+        else:
+            import fcntl
+
+            fd = os.open(directory, os.O_RDONLY)
+            lock = lambda: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # noqa: E731
+    except OSError:
+        return None  # cannot open it for locking: nothing to hold
+    try:
+        lock()
+    except OSError as e:
         os.close(fd)
-        raise
+        if isinstance(e, BlockingIOError) or (os.name == "nt" and e.errno in (errno.EACCES, errno.EDEADLK)):
+            raise BlockingIOError from None
+        return None  # ENOLCK, EOPNOTSUPP...: the file system has no locks
     return fd
 
 

@@ -3,6 +3,7 @@
 import json
 import math
 import statistics
+import sys
 
 import pytest
 import timm
@@ -247,6 +248,29 @@ def test_a_run_directory_in_use_is_refused_untouched(tmp_path):
             train(more, resume=run, progress=False)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     assert train(more, resume=run, progress=False)["steps"] == 6
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX flock")
+def test_directory_lock_is_exclusive_released_and_optional_without_os_locks(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from bsr.files import exclusive_dir
+
+    with exclusive_dir(tmp_path):
+        with pytest.raises(BSRError, match="in use by another bsr process"):
+            with exclusive_dir(tmp_path):
+                pass
+    with exclusive_dir(tmp_path):  # released at the end of the block
+        pass
+    assert list(tmp_path.iterdir()) == []  # nothing added to the directory
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # a file system without locks (some network mounts): runs unlocked
+    with exclusive_dir(tmp_path), exclusive_dir(tmp_path):
+        pass
 
 
 def test_bsr_preset_is_a_base_that_explicit_options_override(tmp_path):
