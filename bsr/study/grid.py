@@ -48,6 +48,8 @@ from ..train import merge_options, resolve_config
 STUDY_KEYS = ("name", "base", "datasets", "seeds", "per_dataset", "runs", "measure", "quick", "sweep")
 QUICK_KEYS = ("base", "datasets", "seeds", "runs", "per_dataset", "sweep")
 MEASURE_DEFAULTS = {"warmup": 1, "steps": 1, "mmap_threshold": 1 << 20}
+# Options that change how a run computes, not what: they may differ between a run and the study resuming it.
+HOW_KEYS = ("threads", "device", "workers", "out")
 
 
 @dataclass

@@ -17,11 +17,9 @@ import torch
 from ..files import atomic_write_bytes, read_json, read_json_lines
 from ..measure.bench import machine
 from ..train.runs import environment, read_report
-from .grid import RunSpec, Study
+from .grid import HOW_KEYS, RunSpec, Study
 
 MIB = 2 ** 20
-# A run's options that say how or where it ran, not what it trains (its seed is recorded per run)
-NOT_WHAT = ("seed", "out", "threads", "device", "workers")
 
 
 def _mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
@@ -120,7 +118,7 @@ def aggregate(point: str, dataset: str, config: dict, runs: list[dict], measured
     gains = [c[-1][1] - c[-2][1] for r in mine if len(c := r["test_curve"]) >= 2]
     return {
         "point": point, "dataset": dataset, "method": config["method"],
-        "config": {k: v for k, v in config.items() if k not in NOT_WHAT},
+        "config": {k: v for k, v in config.items() if k not in ("seed",) + HOW_KEYS},  # what the point trains
         "bsr": config["bsr"] if config["method"] in ("bsr", "tokendrop") else None,
         "lr": config["lr"], "epochs": config["epochs"], "steps": mine[0]["steps"] if mine else None,
         "seeds": [r["seed"] for r in mine],

@@ -34,12 +34,10 @@ from ..measure.protocol import measure_config
 from ..train import config_of_run, make_config, train
 from ..train.checkpoint import CHECKPOINT_NAME
 from ..train.runs import read_report
-from .grid import RunSpec, Study
+from .grid import HOW_KEYS, RunSpec, Study
 from .report import MIB, collect, write_outputs
 from .tokens import show_tokens
 
-# Options that change how a run computes, not what: they may differ between a run and the study resuming it.
-HOW_KEYS = ("threads", "device", "workers", "out")
 # Options that cannot change a step's memory or FLOPs: a measurement stays valid when only these differ.
 _NOT_MEASURED = ("seed", "epochs", "steps", "lr", "min_lr", "warmup_steps", "warmup_epochs", "schedule", "eval_every",
                  "log_every", "limit", "data_dir", "download", "dataset", "out") + HOW_KEYS
