@@ -43,7 +43,7 @@ def _run_study(args: argparse.Namespace) -> int:
 def _add_combine(sub) -> None:
     p = sub.add_parser("study-combine", help="pool the seeds of several studies of the same points into one",
                        description="Pool the finished runs of several `bsr study` outputs that ran the same points "
-                                   "(same method, BSR settings, lr and steps) with different seeds, e.g. a study split "
+                                   "(trained with the same options) with different seeds, e.g. a study split "
                                    "over sessions, and write study.json, study.md and accuracy_vs_memory.png into "
                                    "--out with mean ± std over all their seeds. Trains and measures nothing.")
     p.add_argument("studies", nargs="+", metavar="STUDY.json", help="study.json files (or their directories)")
