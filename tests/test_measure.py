@@ -82,6 +82,23 @@ def test_excluded_defaults_to_model_parameters():
     assert saved_tensor_bytes(lambda: lin(x), model=lin).total == B * N * C * F32
 
 
+def test_counting_frees_the_graph_it_built():
+    """The forward run for counting leaves nothing behind: a saved output (GELU's, softmax's) returned as itself by
+    the pack hook held its own grad_fn, a cycle no collector frees, and every saved tensor stayed resident."""
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4), nn.Softmax(dim=-1))
+    x = torch.randn(3, 8)
+    outputs = []
+    handles = [m.register_forward_hook(lambda m, a, out: outputs.append(weakref.ref(out))) for m in model]
+    assert saved_tensor_bytes(lambda: model(x).sum(), model=model).total > 0
+    for h in handles:
+        h.remove()
+    gc.collect()
+    assert len(outputs) == 4 and all(ref() is None for ref in outputs)
+
+
 def test_nothing_saved_without_grad():
     model = tiny_vit()
     x = torch.randn(2, 3, 32, 32)

@@ -116,14 +116,15 @@ def saved_tensor_bytes(run: Callable[[], Any], exclude: Iterable[Tensor] = (), *
                 key, nbytes = ("tensor", id(t)), t.numel() * t.element_size()
             else:
                 nbytes = key[1]
-            if t.device.type == "meta" or nbytes == 0 or key[0] in excluded or key in seen:
-                return t
-            seen[key] = t
-            owner = stack[-1] if stack else OUTSIDE
-            result.total += nbytes
-            result.num_storages += 1
-            result.by_module[owner] = result.by_module.get(owner, 0) + nbytes
-            return t
+            if not (t.device.type == "meta" or nbytes == 0 or key[0] in excluded or key in seen):
+                seen[key] = t
+                owner = stack[-1] if stack else OUTSIDE
+                result.total += nbytes
+                result.num_storages += 1
+                result.by_module[owner] = result.by_module.get(owner, 0) + nbytes
+            # Detached: a saved output returned as itself would hold its own grad_fn through the graph's packed
+            # object, a cycle through C++ that no collector frees (the whole graph leaked). Nothing unpacks it.
+            return t.detach()
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             run()
