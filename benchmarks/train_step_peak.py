@@ -4,7 +4,7 @@
 
 `bsr bench`'s memory worker also counts the saved-for-backward bytes (a forward of its own) and the FLOPs (a step
 under `FlopCounterMode`); where it is killed for memory, this says whether the training step itself fits. Full
-fine-tuning, SGD with momentum, random inputs, CPU: the peak resident memory (`ru_maxrss`) above the process's own
+fine-tuning, SGD with momentum, random inputs, CPU: the peak resident memory (`VmHWM`) above the process's own
 before the model is built, glibc's mmap threshold at 1 MiB as `bsr bench` sets it. No warm-up step: the momentum
 buffers are allocated inside the measured step.
 """
@@ -12,17 +12,20 @@ buffers are allocated inside the measured step.
 from __future__ import annotations
 
 import argparse
-import resource
 import time
 
 import timm
 import torch
 
 from bsr.allocator import release_freed_memory
+from bsr.measure.memory import peak_bytes
+from bsr.measure.protocol import random_batch
+
+CPU = torch.device("cpu")
 
 
 def max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak_bytes(CPU) / 2**20  # the process's peak RSS (VmHWM, never reset here)
 
 
 def main() -> None:
@@ -37,8 +40,7 @@ def main() -> None:
     start = max_rss_mib()
     model = timm.create_model(args.model, num_classes=args.num_classes, img_size=args.img_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
-    labels = torch.randint(0, args.num_classes, (args.batch_size,))
+    images, labels = random_batch(args.batch_size, args.img_size, args.num_classes, seed=0, device=CPU)
     built = max_rss_mib()
     began = time.perf_counter()
     torch.nn.functional.cross_entropy(model(images), labels).backward()
