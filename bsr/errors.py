@@ -1,9 +1,10 @@
 """The one exception type that `bsr` raises for bad input.
 
 Every `BSRError` carries a single-line message naming the problem and the fix; the command line prints it without a
-traceback and exits non-zero.
+traceback and exits non-zero. It is defined in the torch-free `bsr_device` package (the on-device trainer raises it
+too) and is the same class here.
 """
 
+from bsr_device.errors import BSRError
 
-class BSRError(ValueError):
-    """Bad input to `bsr`: the message says what is wrong and how to fix it."""
+__all__ = ["BSRError"]

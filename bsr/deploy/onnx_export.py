@@ -74,15 +74,18 @@ def drop_tokens_static(x: Tensor, scores: Tensor, keep_rate: float, fuse: bool) 
 
 
 class ExportBSRBlock(BSRBlock):
-    """A `BSRBlock` for export: same computation in eval mode, token dropping by `drop_tokens_static`.
+    """A `BSRBlock` for export: the same computation, token dropping by `drop_tokens_static`.
 
-    Changes against `BSRBlock`: scores never carry gradients; the sort is ONNX `TopK`; eval mode only.
+    Changes against `BSRBlock`: the sort is ONNX `TopK`. In eval mode the scores carry no gradient; in training mode
+    (the on-device training graph, `bsr.deploy.ort_training`) they carry it as `score_grad` says, through the fused
+    token's weights, as in PyTorch.
     """
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if not self.dropping():
             return mlp_residual(self, attn_residual(self, x))
-        a, scores = attention_with_cls_scores(self.attn, self.norm1(x), score_grad=False)
+        score_grad = self.training and self._bsr_score_grad
+        a, scores = attention_with_cls_scores(self.attn, self.norm1(x), score_grad=score_grad)
         x = x + self.drop_path1(self.ls1(a))
         x, keep_idx = drop_tokens_static(x, scores, self._bsr_keep_rate, self._bsr_fuse)
         recorder = getattr(self, "_bsr_recorder", None)
@@ -106,8 +109,9 @@ class _Exported(nn.Module):
         return (logits, *[records[i][-1] for i in sorted(records)])
 
 
-def export_copy(model: nn.Module) -> nn.Module:
-    """A float32, eval-mode copy of `model` (peft merged) whose drop blocks are `ExportBSRBlock`s."""
+def export_copy(model: nn.Module, train: bool = False) -> nn.Module:
+    """A float32 copy of `model` (peft merged) whose drop blocks are `ExportBSRBlock`s: in eval mode and frozen, or
+    with `train` in training mode with the trained parameters still requiring gradients."""
     vit = merged_model(model)
     vit = copy.deepcopy(vit) if vit is model else vit
     for module in vit.modules():
@@ -116,7 +120,8 @@ def export_copy(model: nn.Module) -> nn.Module:
             module.__class__ = nn.Linear
         elif type(module) is BSRBlock:
             module.__class__ = ExportBSRBlock
-    return vit.float().cpu().eval().requires_grad_(False)
+    vit = vit.float().cpu().train(train)
+    return vit if train else vit.requires_grad_(False)
 
 
 def expected_token_counts(model: nn.Module, img_size: int | tuple[int, int]) -> list[tuple[int, int]]:

@@ -1,6 +1,7 @@
 """Optimisation: the learning-rate schedule (a pure function of the step), the optimizer, mixed precision.
 
-The paper's recipes (Sarkar et al., arXiv 2405.10951, SPEC section 3): SGD with momentum or AdamW, no weight decay on
+`lr_at` lives in the torch-free `bsr_device.schedule` (the device trainer steps the same schedule) and is
+re-exported here. The paper's recipes (Sarkar et al., arXiv 2405.10951, SPEC section 3): SGD with momentum or AdamW, no weight decay on
 1-D parameters, the position embedding and the CLS token, optional layer-wise lr decay, linear warm-up then cosine.
 """
 
@@ -12,21 +13,12 @@ from functools import partial
 import torch
 from torch import nn
 
+from bsr_device.schedule import lr_at  # noqa: F401  (re-exported: bsr.train.optim.lr_at)
+
 from ..errors import BSRError
 from .config import TrainConfig
 from .fused import AdamWBf16State, FusedOptimizer, SGDBf16State
 from .methods import host
-
-
-def lr_at(step: int, *, lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0,
-          schedule: str = "cosine") -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warm-up, then cosine from `lr` to `min_lr`."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if schedule == "constant":
-        return lr
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
 def keep_rate_at(step: int, keep_rate: float, warmup_steps: int) -> float:
