@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
+
+from bsr_device.listing import split_selection, stratified_order, stratified_split  # noqa: F401  (re-exported)
 
 
 class ImageTransform:
@@ -88,54 +89,3 @@ class LabelledSubset(Subset):
         super().__init__(dataset, list(indices))
         self.targets = [int(targets[i]) for i in self.indices]
         self.classes = list(getattr(dataset, "classes", []))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Stratified orders and splits (pure functions of labels and a seed)
-
-
-def stratified_order(labels: np.ndarray, seed: int = 0) -> np.ndarray:
-    """A seeded permutation of `range(N)` each of whose prefixes is class-stratified.
-
-    labels: `(N,)` ints. Returns `(N,)` int64 indices. Within a class the order is a seeded shuffle; classes are
-    interleaved by fractional rank `(j + 0.5) / n_class`, so any prefix holds each class in proportion to its size
-    (to within one item), e.g. the first 10 items of a balanced 10-class set hold one item per class.
-    """
-    labels = np.asarray(labels)
-    perm = np.random.default_rng(seed).permutation(labels.shape[0])
-    shuffled = labels[perm]
-    rank = np.empty(labels.shape[0], dtype=np.float64)
-    for c in np.unique(shuffled):
-        where = np.flatnonzero(shuffled == c)
-        rank[where] = (np.arange(where.size) + 0.5) / where.size
-    # Stable sort: ties between equally sized classes keep the shuffled order, which is itself seeded.
-    return perm[np.argsort(rank, kind="stable")].astype(np.int64)
-
-
-def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded per-class split: `round(test_fraction * n_class)` items of each class go to test.
-
-    labels: `(N,)` ints. Returns sorted, disjoint `(train_indices, test_indices)` covering `range(N)`. Written here
-    rather than taken from scikit-learn so that the split cannot change with a library version.
-    """
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    test = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        test.append(rng.permutation(members)[: int(round(test_fraction * members.size))])
-    test_idx = np.sort(np.concatenate(test))
-    train_idx = np.setdiff1d(np.arange(labels.shape[0]), test_idx)
-    return train_idx, test_idx
-
-
-def split_selection(labels: np.ndarray, split: str, limit: int | None, seed: int,
-                    val_fraction: float) -> np.ndarray | None:
-    """Indices of `split` within its source split's `labels`: the `limit` first of the seeded stratified order, then
-    (train/val) the seed-0 stratified validation part or the rest. None: every item, in order."""
-    keep = stratified_order(labels, seed)[:limit] if limit is not None else None
-    if split == "test" or val_fraction == 0.0:
-        return keep
-    pool = keep if keep is not None else np.arange(len(labels))
-    train_part, val_part = stratified_split(np.asarray(labels)[pool], val_fraction, seed=0)
-    return pool[val_part if split == "val" else train_part]

@@ -12,9 +12,10 @@ tensor alike. So bsr writes its own, each around one `AdamWOptimizer` node:
   `If`, so that the algorithm detection sees one optimizer node), then `AdamWOptimizer` in PyTorch's mode
   (`adam_mode` 0, bias correction) without decay, which waits on the decay through its `update_signal` input;
 - SGD with momentum: clipping, torch's coupled weight decay folded into the gradient (g + wd * p), then
-  `AdamWOptimizer` (Hugging Face mode) with beta1 = momentum, beta2 = 1, eps = 1, no bias correction and the learning rate scaled by
-  1 / (1 - momentum): its first moment is then (1 - momentum) times torch's momentum buffer, its second moment stays
-  0 and the update is exactly torch's `p -= lr * buf` (up to float rounding; the second moment's buffer is unused).
+  `AdamWOptimizer` (Hugging Face mode) with beta1 = momentum, beta2 = 1, eps = 1, no bias correction and the
+  learning rate scaled by 1 / (1 - momentum): its first moment is then (1 - momentum) times torch's momentum
+  buffer, its second moment stays 0 and the update is exactly torch's `p -= lr * buf` (up to float rounding; the
+  second moment's buffer is unused).
 
 Which tensors decay: `bsr train` decays none of the 1-D parameters (biases, norms) nor the position embedding and
 class/register tokens (timm's `no_weight_decay`); ORT's graph sees tensors, not names, so the rule is written by rank:
@@ -91,12 +92,14 @@ def _per_tensor(name: str, wd: float, add_grad: bool) -> tuple[list, str]:
                        h.make_node("Add", ["g", "term"], ["term_g"])]
     body_nodes += [h.make_node("SequenceInsert", ["acc", "term_g" if add_grad else "term"], ["acc_out"]),
                    h.make_node("Identity", ["cond"], ["cond_out"])]
-    consts = [h.make_tensor(f"r{r}", TP.INT64, [], [r]) for r in DECAYED_RANKS] + [h.make_tensor("wd", TP.FLOAT, [], [wd])]
+    consts = [h.make_tensor(f"r{r}", TP.INT64, [], [r]) for r in DECAYED_RANKS]
+    consts.append(h.make_tensor("wd", TP.FLOAT, [], [wd]))
     body = h.make_graph(
         body_nodes, f"{name}_body",
         [h.make_tensor_value_info("i", TP.INT64, []), h.make_tensor_value_info("cond", TP.BOOL, []),
          h.make_tensor_sequence_value_info("acc", TP.FLOAT, None)],
-        [h.make_tensor_value_info("cond_out", TP.BOOL, []), h.make_tensor_sequence_value_info("acc_out", TP.FLOAT, None)],
+        [h.make_tensor_value_info("cond_out", TP.BOOL, []),
+         h.make_tensor_sequence_value_info("acc_out", TP.FLOAT, None)],
         initializer=consts)
     nodes = [h.make_node("SequenceLength", ["params"], [f"{name}_count"]),
              h.make_node("SequenceEmpty", [], [f"{name}_empty"], dtype=TP.FLOAT),
@@ -155,7 +158,8 @@ def optimizer_graph(spec: OptimizerSpec, params: Mapping[str, object]):
         # mode 1 (mode 0 insists on bias correction, which divides by 1 - beta2^t = 0): without bias correction
         # and decay it is m1 / (sqrt(m2) + eps) with m2 = 0, eps = 1
         adam = dict(alpha=spec.momentum, beta=1.0, epsilon=1.0, correct_bias=0, adam_mode=1)
-    adam_inputs = [lr, "step", "params", grads, "first_order_moments", "second_order_moments"] + ([signal] if signal else [])
+    adam_inputs = [lr, "step", "params", grads, "first_order_moments", "second_order_moments"]
+    adam_inputs += [signal] if signal else []
     nodes.append(h.make_node(
         "AdamWOptimizer", adam_inputs,
         ["updated_flag"], domain="com.microsoft", weight_decay=0.0, **adam))

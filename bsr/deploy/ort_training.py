@@ -34,8 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bsr_device.artifacts import (CHECKPOINT, EVAL_MODEL, IR_VERSION, OPTIMIZER_MODEL, TRAINING_MODEL,
-                                  write_metadata)
+from bsr_device.artifacts import EVAL_MODEL, IR_VERSION, OPTIMIZER_MODEL, TRAINING_MODEL, write_metadata
 
 from ..errors import BSRError
 from .artifact import one_line
@@ -171,7 +170,8 @@ def export_ort_training(model: nn.Module, out: str | Path, *, optimizer: Optimiz
                 artifacts.generate_artifacts(graph_model, requires_grad=trained, frozen_params=frozen, loss=None,
                                              optimizer=None, artifact_directory=work)
         except Exception as e:  # ORT's gradient builder raises RuntimeError/Fail with C++ messages
-            raise BSRError(f"onnxruntime cannot build the training graph ({one_line(e)[:300]}); report the model")
+            raise BSRError(f"onnxruntime cannot build the training graph ({one_line(e)[:300]}); report the "
+                           f"model") from None
         _set_ir_version(work / TRAINING_MODEL, work / EVAL_MODEL)
         params = {n: p for n, p in vit.named_parameters() if p.requires_grad}
         (work / OPTIMIZER_MODEL).write_bytes(optimizer_graph(optimizer, params).SerializeToString())

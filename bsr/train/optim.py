@@ -1,8 +1,8 @@
 """Optimisation: the learning-rate schedule (a pure function of the step), the optimizer, mixed precision.
 
-`lr_at` lives in the torch-free `bsr_device.schedule` (the device trainer steps the same schedule) and is
-re-exported here. The paper's recipes (Sarkar et al., arXiv 2405.10951, SPEC section 3): SGD with momentum or AdamW, no weight decay on
+The paper's recipes (Sarkar et al., arXiv 2405.10951, SPEC section 3): SGD with momentum or AdamW, no weight decay on
 1-D parameters, the position embedding and the CLS token, optional layer-wise lr decay, linear warm-up then cosine.
+`lr_at` lives in the torch-free `bsr_device.schedule` (the device trainer steps the same schedule); re-exported here.
 """
 
 from __future__ import annotations
