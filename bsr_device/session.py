@@ -31,8 +31,15 @@ class DeviceSession:
     artifacts' own, i.e. the pretrained start) with graphs in `graph_format` ("onnx" or "ort")."""
 
     def __init__(self, artifacts: str | Path, checkpoint: Optional[str | Path] = None, graph_format: str = "onnx",
-                 block_torch: bool = False) -> None:
+                 block_torch: bool = False, threads: Optional[int] = None, arena: bool = True) -> None:
         self.api = training_api(block=block_torch)
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)  # errors only: ORT warns about every unused initializer
+        options = onnxruntime.SessionOptions()
+        options.enable_cpu_mem_arena = arena  # off: ~40 MiB less resident, ~10% more CPU time (measured notes)
+        if threads is not None:
+            options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1
         self.dir = Path(artifacts)
         self.meta = read_metadata(self.dir, runtime_version())
         if graph_format not in ORT_SUFFIXES:
@@ -49,7 +56,8 @@ class DeviceSession:
             raise BSRError(f"cannot load the checkpoint {ckpt} ({_one_line(e)}); it is corrupt or not an ORT "
                            f"checkpoint: resume from another or start from the artifacts") from None
         try:
-            self.module = self.api.Module(str(graphs[0]), self.state, str(graphs[1]), device="cpu")
+            self.module = self.api.Module(str(graphs[0]), self.state, str(graphs[1]), device="cpu",
+                                          session_options=options)
             self.optimizer = self.api.Optimizer(str(graphs[2]), self.module)
         except Exception as e:
             raise BSRError(f"onnxruntime cannot load the artifacts in {self.dir} ({_one_line(e)}); export them "

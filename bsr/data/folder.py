@@ -24,7 +24,7 @@ from bsr_device.listing import (LAYOUT, PREFIXES, Listing, Sample, dataset_slug,
                                 parse_source, user_split)
 
 from ..errors import BSRError
-from .images import open_image
+from bsr_device.images import open_image
 from .registry import DatasetInfo
 from .registry import dataset_info as registered_info
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import ImageTransform
-from ..data.images import open_image
+from bsr_device.images import open_image
 from ..errors import BSRError
 from .artifact import DELTA_FORMAT, FORMAT, load_model, read_metadata
 from .onnx_export import _session, read_onnx_metadata

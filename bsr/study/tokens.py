@@ -13,7 +13,7 @@ from PIL import Image
 
 from ..core.patch import bsr_state, kept_patch_indices, record_kept_tokens
 from ..data import ImageTransform
-from ..data.images import open_image
+from bsr_device.images import open_image
 from ..errors import BSRError
 from ..train import load_run
 from ..train.batches import build_data
