@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 from ..errors import BSRError
 from ..version import __version__
 from . import bench as _bench
+from . import device as _device
 from . import eval as _eval
 from . import export as _export
 from . import plan as _plan
@@ -31,7 +32,7 @@ EXIT_USER_ERROR = 2
 EXIT_BUG = 1
 REPORT_AT = "the project's issue tracker (README: Errors and reporting a bug)"
 # in help order; each has add(subparsers)
-COMMANDS = (_train, _eval, _export, _predict, _plan, _bench, _study, _weights)
+COMMANDS = (_train, _eval, _export, _device, _predict, _plan, _bench, _study, _weights)
 
 
 def build_parser() -> argparse.ArgumentParser:

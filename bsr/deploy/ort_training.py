@@ -38,7 +38,7 @@ from bsr_device.artifacts import EVAL_MODEL, IR_VERSION, OPTIMIZER_MODEL, TRAINI
 
 from ..errors import BSRError
 from .artifact import one_line
-from .onnx_export import DEFAULT_OPSET, export_copy
+from .onnx_export import DEFAULT_OPSET, ONNX_META_KEY, export_copy
 from .ort_optim import OptimizerSpec, optimizer_graph
 
 
@@ -97,9 +97,12 @@ def _torch_export(model: nn.Module, img_size: tuple[int, int], label_smoothing: 
     return buf.getvalue()
 
 
-def _prepare_graph(data: bytes, trained: list[str]):
-    """The exported graph ready for ORT's gradient builder: parameter names without the `vit.` prefix, IR 10, and
-    every `LayerNormalization` with its `Mean` and `InvStdDev` outputs."""
+def _prepare_graph(data: bytes, trained: list[str], doc: Mapping[str, Any]):
+    """The exported graph ready for ORT's gradient builder: parameter names without the `vit.` prefix, IR 10, every
+    `LayerNormalization` with its `Mean` and `InvStdDev` outputs, and `doc` as the "bsr" metadata document that the
+    eval graph and the device's inference export keep (`bsr predict` reads its size, mean/std and classes)."""
+    import json
+
     import onnx
 
     graph_model = onnx.load_from_string(data)
@@ -116,6 +119,8 @@ def _prepare_graph(data: bytes, trained: list[str]):
         raise BSRError(f"the exported graph lost trained parameter {missing[0]} (folded into a constant); report the "
                        f"model: its trained parameters must stay graph initializers")
     graph_model.ir_version = IR_VERSION
+    entry = graph_model.metadata_props.add()
+    entry.key, entry.value = ONNX_META_KEY, json.dumps(doc, allow_nan=False)
     return graph_model
 
 
@@ -150,9 +155,14 @@ def export_ort_training(model: nn.Module, out: str | Path, *, optimizer: Optimiz
 
     Returns {path, seconds, files: {name: bytes}, trained, frozen}.
     """
+    import logging
+
+    import onnxruntime
     from onnxruntime.training import artifacts
 
     _check_model(model)
+    onnxruntime.set_default_logger_severity(3)  # errors only: it warns about every unused initializer
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BSRError(f"{out} exists and is not an empty folder; pick a new output folder for the artifacts")
@@ -160,7 +170,9 @@ def export_ort_training(model: nn.Module, out: str | Path, *, optimizer: Optimiz
     vit = model
     size = tuple(img_size or vit.patch_embed.img_size)
     trained, frozen = training_names(vit)
-    graph_model = _prepare_graph(_torch_export(vit, size, label_smoothing, opset), trained)
+    inference = {k: metadata.get(k) for k in ("class_names", "mean", "std", "bsr")}
+    graph_model = _prepare_graph(_torch_export(vit, size, label_smoothing, opset), trained,
+                                 {**inference, "img_size": list(size), "outputs": ["logits"]})
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

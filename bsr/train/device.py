@@ -168,7 +168,7 @@ def verify_device(artifacts: str | Path, cfg: TrainConfig, model: nn.Module, ste
         if cfg.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(trained, cfg.clip_grad)
         optimizer.step()
-        torch_losses.append(float(loss))
+        torch_losses.append(loss.item())
     diff = max(abs(a - b) for a, b in zip(ort_losses, torch_losses))
     return {"steps": steps, "batch": batch, "max_loss_diff": diff, "losses_ort": ort_losses,
             "losses_torch": torch_losses}
