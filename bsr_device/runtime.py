@@ -3,7 +3,7 @@
 `onnxruntime-training-cpu` imports torch twice on the way to its training API: `import onnxruntime` probes for
 ORTModule (`onnxruntime.training.ortmodule`), and the package `onnxruntime.training` imports its PyTorch-side optimizers
 and loss scalers. Neither is needed on a device, and where torch happens to be installed they load it (hundreds of MiB).
-`training_api(block_torch=True)` makes `import torch` fail in this process (ORT treats that as "no ORTModule"), then
+`import_onnxruntime` skips the probe; `training_api(block=True)` also makes `import torch` fail in this process, then
 loads `onnxruntime.training.api` (checkpoint, module, optimizer) without running `onnxruntime/training/__init__.py`.
 """
 
@@ -38,15 +38,24 @@ def block_torch() -> None:
         sys.meta_path.insert(0, _NoTorch())
 
 
+def import_onnxruntime() -> ModuleType:
+    """`onnxruntime`, imported without its ORTModule probe: `onnxruntime-training-cpu`'s `import onnxruntime` tries
+    `onnxruntime.training.ortmodule` (PyTorch-side training bsr never uses), which costs 1.5 s and a warning from
+    torch in a process that has torch; marking that module absent makes ORT take the "no ORTModule" path at once."""
+    sys.modules.setdefault("onnxruntime.training.ortmodule", None)
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BSRError(f"onnxruntime is not installed; {INSTALL}") from None
+    return onnxruntime
+
+
 def training_api(block: bool = False) -> ModuleType:
     """`onnxruntime.training.api`, loaded without the `onnxruntime.training` package's PyTorch imports (`block`: and
     with torch blocked in this process first)."""
     if block:
         block_torch()
-    try:
-        import onnxruntime
-    except ImportError:
-        raise BSRError(f"onnxruntime is not installed; {INSTALL}") from None
+    onnxruntime = import_onnxruntime()
     name = "onnxruntime.training"
     if name not in sys.modules:
         spec = importlib.util.find_spec(name)
@@ -62,6 +71,4 @@ def training_api(block: bool = False) -> ModuleType:
 
 def runtime_version() -> str:
     """The version of the onnxruntime in this process."""
-    import onnxruntime
-
-    return onnxruntime.__version__
+    return import_onnxruntime().__version__

@@ -17,7 +17,7 @@ import numpy as np
 
 from .artifacts import CHECKPOINT, EVAL_MODEL, OPTIMIZER_MODEL, TRAINING_MODEL, read_metadata
 from .errors import BSRError
-from .runtime import runtime_version, training_api
+from .runtime import import_onnxruntime, runtime_version, training_api
 
 ORT_SUFFIXES = {"onnx": ".onnx", "ort": ".ort"}
 
@@ -33,7 +33,7 @@ class DeviceSession:
     def __init__(self, artifacts: str | Path, checkpoint: Optional[str | Path] = None, graph_format: str = "onnx",
                  block_torch: bool = False, threads: Optional[int] = None, arena: bool = True) -> None:
         self.api = training_api(block=block_torch)
-        import onnxruntime
+        onnxruntime = import_onnxruntime()
 
         onnxruntime.set_default_logger_severity(3)  # errors only: ORT warns about every unused initializer
         options = onnxruntime.SessionOptions()

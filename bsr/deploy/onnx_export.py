@@ -205,10 +205,9 @@ def read_onnx_metadata(path: str | Path, session=None) -> dict:
 def _session(path: str | Path, model_bytes: Optional[bytes] = None, threads: Optional[int] = None):
     """An onnxruntime CPU session for a file (or serialized model), `threads` intra-op threads (default:
     onnxruntime's); one-line errors."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise BSRError("onnxruntime is not installed; pip install onnxruntime to run or verify ONNX exports") from None
+    from bsr_device.runtime import import_onnxruntime
+
+    ort = import_onnxruntime()
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads, options.inter_op_num_threads = int(threads), 1

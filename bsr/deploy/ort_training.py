@@ -157,7 +157,9 @@ def export_ort_training(model: nn.Module, out: str | Path, *, optimizer: Optimiz
     """
     import logging
 
-    import onnxruntime
+    from bsr_device.runtime import import_onnxruntime
+
+    onnxruntime = import_onnxruntime()
     from onnxruntime.training import artifacts
 
     _check_model(model)

@@ -35,6 +35,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from bsr_device.runtime import import_onnxruntime
+
 from ..deploy import export_onnx, onnx_session, verify_onnx
 from ..errors import BSRError
 from ..train import setup_model
@@ -61,10 +63,7 @@ def check(spec: BenchSpec) -> None:
                        f"provider); use --device cpu")
     if spec.moe:
         raise BSRError("--inference measures single-task models; drop --moe")
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise BSRError("bsr bench --inference needs onnxruntime; pip install onnxruntime") from None
+    import_onnxruntime()  # a one-line error when it is not installed
 
 
 def build_variant(spec: BenchSpec, variant: str) -> nn.Module:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from bsr_device.runtime import import_onnxruntime
+
 from ..errors import BSRError
 from .source import Log, WheelFile, cache_dir, read_source
 
@@ -112,8 +114,8 @@ def fetch(name: str, *, given: Optional[str | Path] = None, download: bool = Tru
             "license": weights.source.license, "pos_embed_resample": "bicubic-no-antialias",
             "mean": json.dumps(weights.mean), "std": json.dumps(weights.std)}
     try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
+        import_onnxruntime()
+    except BSRError:
         log("onnxruntime is not installed: the conversion is not checked against it (pip install onnxruntime)")
         meta["verified_max_abs_diff"] = "not checked"
     else:

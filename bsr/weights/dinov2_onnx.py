@@ -152,7 +152,10 @@ def backbone_output_name(model_proto: Any) -> str:
 def onnx_features(model_proto: Any, images: np.ndarray) -> np.ndarray:
     """The backbone tokens (B, N, C) that onnxruntime computes for `images` (B, 3, H, W), read from inside the graph."""
     import onnx
-    import onnxruntime as ort
+
+    from bsr_device.runtime import import_onnxruntime
+
+    ort = import_onnxruntime()
 
     proto = onnx.ModelProto()
     proto.CopyFrom(model_proto)
