@@ -31,7 +31,7 @@ class _NoTorch(importlib.abc.MetaPathFinder):
 
 def block_torch() -> None:
     """Make every later `import torch` in this process raise ImportError (refused if torch is already loaded)."""
-    if "torch" in sys.modules:
+    if sys.modules.get("torch") is not None:
         raise BSRError("torch is already imported in this process; run the device trainer in a process of its own "
                        "(python -m bsr_device)")
     if not any(isinstance(f, _NoTorch) for f in sys.meta_path):

@@ -80,8 +80,7 @@ class DeviceSession:
 
     def properties(self) -> dict:
         """The checkpoint's properties (the trainer's step, seed, ...)."""
-        props = self.state.properties
-        return {name: props[name] for name in props}
+        return dict(self.state.properties)
 
     def parameters(self) -> dict[str, np.ndarray]:
         """Every parameter of the checkpoint, by name, as numpy arrays (copies)."""

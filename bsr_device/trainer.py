@@ -159,22 +159,24 @@ def _metrics(out: Path, upto: Optional[int]) -> list[str]:
 
 def train(artifacts: str | Path, dataset: str, out: str | Path, *, resume: bool = False, steps: Optional[int] = None,
           batch_size: Optional[int] = None, epochs: Optional[int] = None, lr: Optional[float] = None,
-          threads: Optional[int] = None, graph_format: str = "onnx", arena: bool = True,
+          threads: Optional[int] = None, graph_format: str = "onnx", arena: bool = True, block_torch: bool = True,
           log: Callable[[str], None] = print) -> dict:
-    """Train the artifacts on `dataset` (`folder:PATH` or `csv:PATH`) into the device run `out`; returns the report."""
+    """Train the artifacts on `dataset` (`folder:PATH` or `csv:PATH`) into the device run `out`; returns the report.
+    `block_torch` (the default) makes `import torch` fail in this process first (`bsr_device.runtime`)."""
     run = DeviceRun(out, artifacts, dataset, {"steps": steps, "batch_size": batch_size, "epochs": epochs, "lr": lr,
                                              "threads": threads}, resume)
     train_set, test_set = run.setup(log)
     r = run.recipe
     session = DeviceSession(run.artifacts, run.out / CHECKPOINT_FILE if resume else None, graph_format,
-                            block_torch=True, threads=r.get("threads"), arena=arena)
+                            block_torch=block_torch, threads=r.get("threads"), arena=arena)
     props = session.properties() if resume else {}
     step, best, best_step = int(props.get("step", 0)), float(props.get("best", -1.0)), int(props.get("best_step", 0))
+    window = [tuple(w) for w in json.loads(props.get("log_window", "[]"))]  # the steps since the last log line
     lines = _metrics(run.out, step if resume else None)
     (run.out / METRICS).write_text("".join(line + "\n" for line in lines))
     log(f"training {run.total} steps ({run.steps_per_epoch}/epoch, batch {r['batch_size']}) from step {step}: "
         f"{len(train_set.samples)} train / {len(test_set.samples)} test images of {dataset}")
-    window, times, final = [], [], None
+    times, final = [], None
 
     def rng_of(epoch: int):
         return lambda index: np.random.default_rng([r["seed"], epoch, index])
@@ -202,7 +204,8 @@ def train(artifacts: str | Path, dataset: str, out: str | Path, *, resume: bool 
                     best, best_step = final, step
                 metrics.write(json.dumps({"step": step, "test_top1": final}) + "\n")
                 metrics.flush()
-                session.save(run.out / CHECKPOINT_FILE, {"step": step, "best": best, "best_step": best_step})
+                session.save(run.out / CHECKPOINT_FILE, {"step": step, "best": best, "best_step": best_step,
+                                                         "log_window": json.dumps(window)})
                 log(f"step {step}/{run.total}: loss {loss:.4f}, test top-1 {final:.2f}% (best {best:.2f}%)")
     if final is None:
         final = evaluate(session, test_set, r["batch_size"])
@@ -218,9 +221,9 @@ def train(artifacts: str | Path, dataset: str, out: str | Path, *, resume: bool 
     return report
 
 
-def evaluate_run(out: str | Path, log: Callable[[str], None] = print) -> float:
+def evaluate_run(out: str | Path, log: Callable[[str], None] = print, block_torch: bool = True) -> float:
     """Test top-1 (%) of a device run's checkpoint on its dataset's test split."""
     run = DeviceRun(out, "", "", {}, resume=True)
     _, test_set = run.setup(log)
-    session = DeviceSession(run.artifacts, run.out / CHECKPOINT_FILE, block_torch=True)
+    session = DeviceSession(run.artifacts, run.out / CHECKPOINT_FILE, block_torch=block_torch)
     return evaluate(session, test_set, run.recipe["batch_size"])

@@ -22,8 +22,10 @@ which reads ONNX IR up to 10: every artifact is written at IR 10.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -124,19 +126,35 @@ def _prepare_graph(data: bytes, trained: list[str], doc: Mapping[str, Any]):
     return graph_model
 
 
+@contextlib.contextmanager
+def _silenced():
+    """Send this process's stdout and stderr file descriptors to /dev/null (ORT's converter logs every graph
+    transformation from C++ at info level, past Python's streams)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
 def _ort_format(directory: Path, names: list[str]) -> None:
     """Write `.ort` copies of the ONNX graphs `names` in `directory` and `required_operators.config` (the operators a
     minimal build needs to train them)."""
-    import contextlib
-    import io
-
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
 
     staging = directory / "ort-staging"
     staging.mkdir()
     for name in names:
         shutil.copy2(directory / name, staging / name)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with _silenced():
         convert_onnx_models_to_ort(staging, output_dir=staging, optimization_styles=[OptimizationStyle.Fixed],
                                    enable_type_reduction=False)
     for path in staging.iterdir():
