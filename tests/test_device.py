@@ -1,8 +1,8 @@
 """Training on the device (issue 28): BSR exported as ONNX Runtime on-device training artifacts trains as PyTorch
 does (AdamW and SGD with momentum, clipping, weight decay), only the trained tensors get gradients, the token dropping
 is in the graph, the .ort copies train the same, the torch-free trainer runs with `import torch` impossible, resumes
-its trajectory, writes an inference ONNX that `bsr predict` takes, and its run comes home for `bsr eval`; bad input is one
-line."""
+its trajectory, writes an inference ONNX that `bsr predict` takes, and its run comes home for `bsr eval`; bad input
+is one line."""
 
 from __future__ import annotations
 
