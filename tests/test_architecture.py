@@ -28,6 +28,10 @@ def test_imports_go_downward_without_cycles():
     ({"train/a.py": "from . import b\n", "train/b.py": "from .a import x\n"},
      "module cycle: bsr.train.a -> bsr.train.b"),
     ({"gadgets/__init__.py": "", "gadgets/a.py": "from ..errors import E\n"}, "package 'gadgets' has no layer"),
+    ({"../bsr_device/__init__.py": "", "../bsr_device/a.py": "def f():\n    import torch\n"},
+     "forbidden import: bsr_device.a (device) imports torch"),
+    ({"../bsr_device/__init__.py": "", "../bsr_device/a.py": "from bsr.core import x\n", "core/x.py": ""},
+     "upward import: bsr_device.a (device) imports bsr.core.x (core)"),
 ])
 def test_the_check_finds_violations(tmp_path, files, expected):
     """A lazy upward import, a cycle inside a package, and a package placed in no layer are each caught."""
@@ -41,5 +45,6 @@ def test_the_check_finds_violations(tmp_path, files, expected):
 
 
 def test_no_module_is_over_450_lines():
-    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in (ROOT / "bsr").rglob("*.py")}
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
+             for package in ("bsr", "bsr_device") for p in (ROOT / package).rglob("*.py")}
     assert {p: n for p, n in sizes.items() if n > MAX_LINES} == {}

@@ -72,7 +72,8 @@ def _device(args: argparse.Namespace, flags: dict) -> int:
           f"checkpoint {r['files'].get('checkpoint', 0) / 2**20:.1f} MiB, {r['seconds']:.1f} s)")
     if "verify" in r:
         v = r["verify"]
-        print(f"  onnxruntime vs PyTorch, {v['steps']} steps of batch {v['batch']}: largest loss difference "
+        ref = "" if v["reference"] == "the model" else f" (PyTorch with the {v['reference']})"
+        print(f"  onnxruntime vs PyTorch{ref}, {v['steps']} steps of batch {v['batch']}: largest loss difference "
               f"{v['max_loss_diff']:.2e}")
         if not v["max_loss_diff"] <= VERIFY_TOLERANCE:
             raise BSRError(f"the artifacts train differently from PyTorch (loss difference {v['max_loss_diff']:.2e} "

@@ -40,8 +40,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.ops import fuse_tokens, kept_count, token_counts
-from ..core.patch import (BSRBlock, FrozenLowPrecisionLinear, attention_with_cls_scores, attn_residual, bsr_state,
-                          mlp_residual, record_kept_tokens)
+from ..core.patch import (_STATE, BSRBlock, FrozenLowPrecisionLinear, attention_with_cls_scores, attn_residual,
+                          bsr_state, mlp_residual, record_kept_tokens)
 from ..errors import BSRError
 from ..files import atomic_write_bytes
 from .artifact import host_vit, merged_model, one_line
@@ -120,6 +120,9 @@ def export_copy(model: nn.Module, train: bool = False) -> nn.Module:
             module.__class__ = nn.Linear
         elif type(module) is BSRBlock:
             module.__class__ = ExportBSRBlock
+    state = getattr(vit, _STATE, None)
+    if state is not None and state.resolved.recompute != "none":  # the graph has no torch.utils.checkpoint
+        state.resolved = dataclasses.replace(state.resolved, recompute="none")
     vit = vit.float().cpu().train(train)
     return vit if train else vit.requires_grad_(False)
 
