@@ -20,8 +20,8 @@ PyTorch trains the model as bsr does (timm's fused attention, stable sort); Exec
 `torch.export` -> `_export_forward_backward` -> `to_edge` -> `to_executorch`, `TrainingModule` and ExecuTorch's SGD.
 Variant `rewrite` replaces every Linear by matmul + add (no `addmm`) and the patch-embedding convolution by
 reshape + matmul before the export; `transposed` also holds every Linear weight as (in, out), so that the graph
-transposes no weight (a device checkpoint would hold them so). One intra-op thread for both; steps taken in turn, PyTorch then ExecuTorch, on the
-same batches; the medians are over the timed steps after the warm-up steps.
+transposes no weight (a device checkpoint would hold them so). One intra-op thread for both; steps taken in turn,
+PyTorch then ExecuTorch, on the same batches; the medians are over the timed steps after the warm-up steps.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def run(mode: str, variant: str, args, batches: list) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="bsr,full")
-    parser.add_argument("--variants", default="stock,rewrite")
+    parser.add_argument("--variants", default="stock,rewrite,transposed")
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)

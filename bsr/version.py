@@ -1,3 +1,5 @@
-"""The version of `bsr` (one place, below every layer that records it)."""
+"""The version of `bsr`: the one defined in `bsr_device.version` (the lowest layer; pyproject reads it from there)."""
 
-__version__ = "0.1.0"
+from bsr_device.version import __version__
+
+__all__ = ["__version__"]

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from importlib import metadata as _metadata
 from pathlib import Path
 from typing import Any
 
 from .errors import BSRError
+from .version import __version__
 
 FORMAT = "bsr-ort-training-1"
 METADATA = "bsr-device.json"
@@ -25,11 +25,8 @@ IR_VERSION = 10  # the newest ONNX IR that ORT 1.19 reads
 
 
 def bsr_version() -> str:
-    """The installed bsr's version (`unknown` when bsr runs from a source tree without an install)."""
-    try:
-        return _metadata.version("bsr")
-    except _metadata.PackageNotFoundError:
-        return "unknown"
+    """This bsr's version."""
+    return __version__
 
 
 def write_json_atomic(path: Path, doc: Any) -> None:

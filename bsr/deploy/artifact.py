@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from importlib import metadata as _metadata
 from itertools import chain
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -30,6 +29,7 @@ from ..core.config import BSRConfig
 from ..core.patch import bsr_state, reprogram, resolve_for
 from ..errors import BSRError
 from ..tensorfile import save_tensors
+from ..version import __version__
 
 FORMAT = "bsr-model-1"
 DELTA_FORMAT = "bsr-delta-1"
@@ -79,13 +79,6 @@ def state_sha256(state: Mapping[str, Tensor]) -> str:
 
 # --- metadata ---------------------------------------------------------------------------------------------------------
 
-def _version(package: str) -> str:
-    try:
-        return _metadata.version(package)
-    except _metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _bsr_config(vit: nn.Module, bsr: Optional[BSRConfig]) -> Optional[BSRConfig]:
     """The BSR config to save: `bsr` if given (checked against the model's patch), else the model's own, else None."""
     resolved = bsr_state(vit)
@@ -132,7 +125,7 @@ def _metadata_doc(vit: nn.Module, kind: str, model_name: Optional[str], model_kw
            "class_names": list(class_names) if class_names is not None else None,
            "mean": list(mean if mean is not None else cfg.get("mean", ())) or None,
            "std": list(std if std is not None else cfg.get("std", ())) or None,
-           "versions": {"bsr": _version("bsr"), "timm": timm.__version__, "torch": torch.__version__.split("+")[0]},
+           "versions": {"bsr": __version__, "timm": timm.__version__, "torch": torch.__version__.split("+")[0]},
            "extra": dict(extra or {})}
     try:
         json.dumps(doc, allow_nan=False)
