@@ -117,6 +117,31 @@ def test_the_artifacts_train_like_pytorch(tmp_path, optimizer, extra):
         assert near < far
 
 
+@pytest.mark.parametrize("score_grad", [True, False])
+def test_the_graph_gradients_are_pytorchs(tmp_path, score_grad):
+    """One plain SGD step of lr 1 moves each trained tensor by minus its gradient: ORT's equal PyTorch's, through the
+    token dropping, with the CLS scores carrying their gradient (through the fused token) or not, as `score_grad`."""
+    model = tiny_model(score_grad=score_grad)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    export_ort_training(model, tmp_path / "art", optimizer=OptimizerSpec("sgd", momentum=0.0), metadata={"recipe": {}},
+                        ort_format=False)
+    x, y = batches(1)[0]
+    session = DeviceSession(tmp_path / "art")
+    session.train_step(x, y, 1.0)
+    after = session.parameters()
+    model.train()
+    F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    qkv = "blocks.3.attn.qkv.weight"  # the scores' gradient reaches the drop block's queries and keys
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            np.testing.assert_allclose(before[name].numpy() - after[name], p.grad.numpy(), atol=2e-6, err_msg=name)
+    other = tiny_model(score_grad=not score_grad)
+    other.train()
+    F.cross_entropy(other(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+    assert not np.allclose(before[qkv].numpy() - after[qkv], dict(other.named_parameters())[qkv].grad.numpy(),
+                           atol=2e-6)
+
+
 def test_only_trained_tensors_get_gradients_and_dropping_is_in_the_graph(tmp_path):
     model = tiny_model(drop_blocks=[3, 6, 9], keep_rate=0.5)
     out = export_ort_training(model, tmp_path / "art", optimizer=OptimizerSpec("adamw"), metadata={"recipe": {}})

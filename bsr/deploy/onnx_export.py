@@ -73,6 +73,13 @@ def drop_tokens_static(x: Tensor, scores: Tensor, keep_rate: float, fuse: bool) 
     return torch.cat(parts, dim=1), keep_idx
 
 
+def scores_without_gradient(scores: Tensor) -> Tensor:
+    """`scores.detach()` that survives the ONNX export (the exporter drops `detach`): ORT's gradient builder stops at a
+    Cast to an integer type, so the values make a round trip through int64 scaled by 2^60, exact for every float32 in
+    [2^-36, 1] (CLS scores are probabilities) and off by at most 2^-60 below."""
+    return (scores * 2.0 ** 60).to(torch.int64).to(scores.dtype) * 2.0 ** -60
+
+
 class ExportBSRBlock(BSRBlock):
     """A `BSRBlock` for export: the same computation, token dropping by `drop_tokens_static`.
 
@@ -86,6 +93,8 @@ class ExportBSRBlock(BSRBlock):
             return mlp_residual(self, attn_residual(self, x))
         score_grad = self.training and self._bsr_score_grad
         a, scores = attention_with_cls_scores(self.attn, self.norm1(x), score_grad=score_grad)
+        if self.training and not score_grad:
+            scores = scores_without_gradient(scores)  # the training graph: no gradient through the scores
         x = x + self.drop_path1(self.ls1(a))
         x, keep_idx = drop_tokens_static(x, scores, self._bsr_keep_rate, self._bsr_fuse)
         recorder = getattr(self, "_bsr_recorder", None)
