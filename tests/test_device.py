@@ -294,3 +294,24 @@ def test_bsr_export_verify_from_a_config(tmp_path, capsys):
     assert "largest loss difference" in out and "on-device training artifacts" in out
     assert main(argv) == 2  # the folder exists now: never written over
     assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_a_run_exports_for_the_device_and_continues_there(tmp_path, capsys):
+    """bsr export RUN OUT --format ort-training: the run's trained weights are the artifacts' start."""
+    data = make_folder(tmp_path / "data")
+    run = tmp_path / "run"
+    assert main(["train", "--model", "vit_micro_patch4_28", "--img-size", "16", "--checkpoint", "none", "--dataset",
+                 f"folder:{data}", "--batch-size", "4", "--steps", "2", "--eval-every", "2", "--threads", "1",
+                 "--no-progress", "--out", str(run)]) == 0
+    assert main(["export", str(run), str(tmp_path / "art"), "--format", "ort-training"]) == 0
+    assert "on-device training artifacts" in capsys.readouterr().out
+    from bsr.train.runs import load_run
+
+    _, model = load_run(run, torch.device("cpu"))
+    start = DeviceSession(tmp_path / "art").parameters()
+    for name, p in model.named_parameters():
+        np.testing.assert_array_equal(start[name], p.detach().numpy(), err_msg=name)
+    meta = json.loads((tmp_path / "art" / METADATA).read_text())
+    assert meta["class_names"] == list(CLASSES) and meta["recipe"]["batch_size"] == 4 and meta["source"] == str(run)
+    assert main(["export", str(run), str(tmp_path / "art2"), "--format", "ort-training", "--lr", "1"]) == 2
+    assert "RUN_DIR carries its own config" in capsys.readouterr().err
