@@ -197,7 +197,7 @@ def export_ort_training(model: nn.Module, out: str | Path, *, optimizer: Optimiz
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _silenced():  # ORT logs its gradient graph's passes at info level
                 warnings.simplefilter("ignore")
                 artifacts.generate_artifacts(graph_model, requires_grad=trained, frozen_params=frozen, loss=None,
                                              optimizer=None, artifact_directory=work)

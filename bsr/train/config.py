@@ -165,6 +165,7 @@ class TrainConfig:
                      "label_smoothing", "momentum", "moe_aux_loss", "moe_router_noise"):
             if getattr(self, name) < 0:
                 raise BSRError(f"{name}={getattr(self, name)} must not be negative")
+        self._check_no_op()
         for name, most in (("threads", MAX_THREADS), ("workers", MAX_WORKERS)):
             if (getattr(self, name) or 0) > most:
                 raise BSRError(f"{name}={getattr(self, name)} is more than {most}; use at most the machine's cores")
@@ -191,6 +192,16 @@ class TrainConfig:
                            f"fused_step steps inside each backward; drop one of them")
         if self.fused_step:
             self._check_fused_step()
+
+    def _check_no_op(self) -> None:
+        """Values that would make training a silent no-op: refused with the reason (issue 31)."""
+        if self.lr == 0:
+            raise BSRError("lr=0 updates nothing: training would leave the model as it started; give a positive "
+                           "--lr, e.g. 1e-4")
+        if self.lora_alpha <= 0:
+            effect = "adds nothing: only the head would learn" if self.lora_alpha == 0 else "is negated"
+            raise BSRError(f"lora_alpha={self.lora_alpha} scales the LoRA update by alpha/rank, so their update "
+                           f"{effect}; give a positive --lora-alpha, e.g. 16")
 
     def _check_finite(self) -> None:
         """Every float option (alone or in a list) is a finite number: nan and inf pass every range check."""
