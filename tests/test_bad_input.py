@@ -182,6 +182,12 @@ SEED = ("seed",)
 CKPT = ("checkpoint",)
 TEST_CASES = [
     # --- data loss: no command may overwrite a file of a run directory it was not asked to replace
+    Case("export-safetensors-named-pth", ["export", "{run}", "{tmp}/w.pth"], ["w.pth", ".safetensors", ".onnx"],
+         run=True),
+    Case("export-timm-named-pth", ["export", "{run}", "{tmp}/w.pth", "--format", "timm"], ["w.pth", "w.safetensors"],
+         run=True),
+    Case("export-onnx-named-safetensors", ["export", "{run}", "{tmp}/m.safetensors", "--format", "onnx"],
+         ["m.safetensors", "m.onnx"], run=True),
     Case("export-onto-own-checkpoint", ["export", "{run}", "{run}/" + CHECKPOINT], [CHECKPOINT], run=True),
     Case("export-onto-config-yaml", ["export", "{run}", "{run}/config.yaml"], ["config.yaml"], run=True),
     Case("export-onto-metrics-jsonl", ["export", "{run}", "{run}/metrics.jsonl"], ["metrics.jsonl"], run=True),

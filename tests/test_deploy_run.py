@@ -106,7 +106,7 @@ def test_onnx_export_of_a_run_matches_pytorch(run, tmp_path, capsys):
     from bsr.deploy import onnx_token_counts, read_onnx_metadata, verify_onnx
 
     path = tmp_path / "model.onnx"
-    assert main(["export", str(run), str(path), "--format", "onnx"]) == 0
+    assert main(["export", str(run), str(path)]) == 0  # the extension picks the format
     out = capsys.readouterr().out
     assert "on 8 test images of digits-embedded" in out and "top-1 agreement 100%" in out, out
     model, images = _run_model_and_images(run)

@@ -34,7 +34,8 @@ def add(sub) -> None:
                                    "(e.g. the pretrained backbone with BSR applied).")
     p.add_argument("paths", nargs="+", metavar="RUN_DIR OUT", help="the run and the output file (.safetensors or "
                    ".onnx) or folder (ort-training); with --format ort-training and no run, OUT alone")
-    p.add_argument("--format", default="safetensors", choices=FORMATS, help="file format [default: safetensors]")
+    p.add_argument("--format", default=None, choices=FORMATS,
+                   help="what to write [default: by OUT's extension: .safetensors a bsr model file, .onnx ONNX]")
     p.add_argument("--delta", action="store_true", help="with safetensors: write only what training changed")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                    help="stored precision of safetensors/timm files (bsr files load back to float32) [default: fp32]")

@@ -29,6 +29,22 @@ from .config import TrainConfig
 from .runs import config_of_run, export_weights, load_run, refuse_run_file
 
 EXPORT_FORMATS = ("safetensors", "onnx", "timm")
+SUFFIXES = {"safetensors": ".safetensors", "onnx": ".onnx", "timm": ".safetensors"}  # what each format writes
+
+
+def export_format(out: str | Path, fmt: Optional[str]) -> str:
+    """The format of an export to `out`: `fmt` when given, else picked by the file's extension; a name whose extension
+    does not match what the format writes (`w.pth` holding safetensors bytes) is refused in one line."""
+    suffix = Path(out).suffix.lower()
+    if fmt is None:
+        fmt = {".safetensors": "safetensors", ".onnx": "onnx"}.get(suffix)
+        if fmt is None:
+            raise BSRError(f"OUT={out} has no export extension; name it .safetensors (bsr model file) or .onnx (ONNX), "
+                           f"or pass --format")
+    if fmt in SUFFIXES and suffix != SUFFIXES[fmt]:
+        raise BSRError(f"--format {fmt} writes a {SUFFIXES[fmt]} file, but OUT={out} ends in {suffix or 'nothing'}; "
+                       f"name it {Path(out).with_suffix(SUFFIXES[fmt]).name}")
+    return fmt
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 VERIFY_IMAGES = 8  # test images the ONNX export is checked on
 
@@ -89,12 +105,14 @@ def verify_images(cfg: TrainConfig, img_size: int, count: int = VERIFY_IMAGES) -
         return torch.randn(count, 3, img_size, img_size, generator=gen), f"{count} random images ({e})"
 
 
-def export_run(run: str | Path, out: str | Path, fmt: str = "safetensors", delta: bool = False, dtype: str = "fp32",
-               log: Callable[[str], None] = _quiet) -> dict:
-    """Write run `run`'s trained model to `out` in format `fmt` (see the module docstring); returns a record:
-    {path, format, bytes, tensors?, base_id?, verify?}. `out` may not be one of the run's own files."""
+def export_run(run: str | Path, out: str | Path, fmt: Optional[str] = None, delta: bool = False,
+               dtype: str = "fp32", log: Callable[[str], None] = _quiet) -> dict:
+    """Write run `run`'s trained model to `out` in format `fmt` (default: by `out`'s extension; see the module
+    docstring); returns a record: {path, format, bytes, tensors?, base_id?, verify?}. `out` may not be one of the
+    run's own files, and its extension must be the format's."""
     run = Path(run)
     refuse_run_file(run, out)
+    fmt = export_format(out, fmt)
     if fmt == "timm":
         if delta:
             raise BSRError("--delta writes a bsr safetensors file; drop --delta for --format timm")
