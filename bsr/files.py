@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, Optional
@@ -48,6 +49,20 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # `atomic_write`'s temporary names: .NAME.XXXXXXXX.tmp
+
+
+def remove_stale_temps(directory: Path) -> list[str]:
+    """Remove the temporary files that an interrupted `atomic_write` left in `directory` (a kill -9 during a write);
+    call it only while no other process writes there (the directory lock). Returns the names removed."""
+    removed = []
+    for path in Path(directory).iterdir() if Path(directory).is_dir() else []:
+        if _TEMP.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -20,6 +20,9 @@ from .errors import BSRError
 def open_image(path: str | Path) -> Image.Image:
     """The image at `path`, fully decoded, as a PIL image in RGB mode (grey and palette images converted)."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise BSRError(f"image {path} is a broken symbolic link (its target is missing, or the links loop); fix or "
+                       f"remove the link")
     if not path.is_file():
         raise BSRError(f"image {path} does not exist or is not a file; pass PNG/JPEG files")
     try:

@@ -62,8 +62,10 @@ class Listing:
 
 def _images_in(folder: Path) -> list[str]:
     """Image files below `folder` (recursively, sorted; hidden files and folders skipped), by torchvision's list of
-    image extensions."""
-    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
+    image extensions. Broken symbolic links (target missing, or a loop) are listed too, so that decoding names them
+    among the unreadable files instead of their vanishing unnamed."""
+    return sorted(str(p) for p in folder.rglob("*") if (p.is_file() or p.is_symlink()) and not p.is_dir()
+                  and p.suffix.lower() in IMG_EXTENSIONS
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 

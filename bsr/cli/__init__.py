@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 from typing import Optional, Sequence
 
 from ..errors import BSRError
@@ -58,15 +60,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USER_ERROR
     debug = vars(args).pop("debug", False)  # not an option of the command
     debug = debug or os.environ.get("BSR_DEBUG", "") not in ("", "0")
+    previous = _terminate_like_interrupt()
     try:
         return args.run(args)
-    except KeyboardInterrupt:
-        print("bsr: interrupted; continue with --resume RUN_DIR from the last checkpoint", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"bsr: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; the last checkpoint is intact: "
+              f"continue with --resume RUN_DIR", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:
         if debug:
             raise
         return _report(e)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it ends like Ctrl-C: writes finish or roll back, one line."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _terminate_like_interrupt():
+    """Handle SIGTERM as SIGINT in this process (main thread only); returns the previous handler (None if not set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 def _report(e: Exception) -> int:

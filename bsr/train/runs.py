@@ -32,7 +32,8 @@ from ..core.moe import moe_aux_loss
 from ..core.patch import bsr_state, restore
 from ..data import dataset_slug
 from ..errors import BSRError
-from ..files import OUTPUT_FIX, atomic_write_bytes, exclusive_dir, read_json, read_json_lines, read_yaml
+from ..files import (OUTPUT_FIX, atomic_write_bytes, exclusive_dir, read_json, read_json_lines, read_yaml,
+                     remove_stale_temps)
 from ..tensorfile import save_tensors
 from ..version import __version__
 from . import distributed
@@ -62,6 +63,7 @@ class RunFiles:
         if self.held is not None and self.write and not self.locked and self.out.is_dir():
             self.held.enter_context(exclusive_dir(self.out, "run directory"))
             self.locked = True
+            remove_stale_temps(self.out)  # a write killed mid-way (kill -9) left its temporary file
 
     def check(self, resuming: bool) -> None:
         """Refuse an out path that is a file, or that holds another run (never overwrite one)."""
