@@ -37,7 +37,8 @@ def test_broken_symlinks_are_named_among_the_skipped_images(tmp_path):
     for name in ("a", "b"):
         (tmp_path / "data" / name).mkdir(parents=True)
         for i in range(4):
-            Image.fromarray((rng.random((16, 16, 3)) * 255).astype(np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+            pixels = (rng.random((16, 16, 3)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
     (tmp_path / "data" / "a" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     (tmp_path / "data" / "b" / "loop.png").symlink_to(tmp_path / "data" / "b" / "loop.png")
     skipped = {}
