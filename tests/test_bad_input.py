@@ -111,6 +111,12 @@ def checkpoint_without(tensor: str) -> Callable[[Path, Path], None]:
     return checkpoint_edit(change)
 
 
+def drop_optimizer_state(tensors: dict, header: dict) -> None:
+    for name in [k for k in tensors if k.startswith("optim.")]:
+        del tensors[name]
+    header["optimizer"]["scalars"] = {}
+
+
 def truncate_checkpoint(tmp: Path, run: Path) -> None:
     data = (run / CHECKPOINT).read_bytes()
     (run / CHECKPOINT).write_bytes(data[: len(data) // 2])
@@ -245,6 +251,10 @@ TEST_CASES = [
     Case("eval-checkpoint-meta-list", ["eval", "{run}"], CKPT, setup=checkpoint_edit(lambda t, h: [h]), run=True),
     Case("resume-checkpoint-meta-list", ["train", "--resume", "{run}", "--no-progress"], CKPT,
          setup=checkpoint_edit(lambda t, h: [h]), run=True),
+    Case("eval-checkpoint-missing-a-trained-tensor", ["eval", "{run}"], ["lacks the trained parameter", "head.weight"],
+         setup=checkpoint_without("param.head.weight"), run=True),
+    Case("resume-checkpoint-without-optimizer-state", ["train", "--resume", "{run}", "--no-progress"],
+         ["no optimizer state", "--fresh-optimizer"], setup=checkpoint_edit(drop_optimizer_state), run=True),
     Case("eval-checkpoint-no-rng-torch", ["eval", "{run}"], CKPT,
          setup=checkpoint_without("rng.torch"), run=True),
     Case("resume-checkpoint-no-rng-torch", ["train", "--resume", "{run}", "--no-progress"], CKPT,

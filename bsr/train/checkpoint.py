@@ -170,6 +170,10 @@ def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], sou
     if unknown:
         raise BSRError(f"checkpoint {source} has parameter {unknown[0]!r} that the model lacks; "
                        f"it was trained with another model or method")
+    missing = [k for k, p in params.items() if p.requires_grad and k not in saved]
+    if missing:  # the base weight would silently stand in for what training learned
+        raise BSRError(f"checkpoint {source} lacks the trained parameter {missing[0]!r} ({len(missing)} missing): it "
+                       f"is incomplete; restore it from a copy or train again")
     with torch.no_grad():
         for name, value in saved.items():
             if params[name].shape != value.shape:

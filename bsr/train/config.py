@@ -120,6 +120,8 @@ class TrainConfig:
     grad_checkpointing: bool = _f(False, "recompute activations in backward (timm's gradient checkpointing)")
     # run
     seed: int = _f(0, "seed of initialisation, data order and augmentation")
+    fresh_optimizer: bool = _f(False, "with --resume: accept a checkpoint without optimizer state (e.g. a run "
+                                      "brought home from the device) and start the optimizer anew")
     eval_every: int = _f(0, "evaluate and checkpoint every N steps (0: every epoch)")
     eval_batch_size: Optional[int] = _f(None, "evaluation batch size (default: the larger of --batch-size and 256); "
                                               "a smaller one lowers the evaluation's memory peak")

@@ -38,7 +38,7 @@ from .evaluate import evaluate
 from .meter import StepMeter
 from .methods import count_params, tokens_per_block
 from .optim import autocast, build_optimizer, keep_rate_at, lr_at
-from .runs import Progress, Run, RunFiles, build_report, default_out, restore_state
+from .runs import Progress, Run, RunFiles, build_report, default_out, refuse_without_optimizer_state, restore_state
 
 
 def train(cfg: TrainConfig, resume: Optional[str | Path] = None, progress: bool = True) -> dict:
@@ -148,6 +148,7 @@ def _setup(cfg: TrainConfig, dp: Group, resume: Optional[str | Path], held: cont
     if saved is not None:  # every file resume touches is checked before the first write
         files.check_config_file(saved[1]["config"])
         metrics = files.metrics_until(saved[1]["step"])
+        refuse_without_optimizer_state(saved, resume, cfg.fresh_optimizer)
     if cfg.num_classes is not None and not cfg.tasks:
         check_num_classes(cfg.num_classes, cfg.dataset)
     cfg = with_class_names(cfg)

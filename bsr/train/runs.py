@@ -163,7 +163,7 @@ def read_report(path: str | Path) -> dict:
 
 RUN_FILE_NAMES = (CHECKPOINT_NAME, "config.yaml", "metrics.jsonl", "report.json")
 # how a run computes, not what: they may change on resume
-RESUME_OPTIONS = ("device", "workers", "threads", "release_memory")
+RESUME_OPTIONS = ("device", "workers", "threads", "release_memory", "fresh_optimizer")
 
 
 def refuse_run_file(run: str | Path, out: str | Path, option: str = "OUT") -> None:
@@ -237,6 +237,15 @@ class Run:
                 "best_acc": p.best, "history": p.history, "log_window": log_window,
                 "scheduler": {"total_steps": self.total_steps, "warmup_steps": self.warmup},
                 "scaler": {k: float(v) if torch.is_tensor(v) else v for k, v in scaler_state.items()}}
+
+
+def refuse_without_optimizer_state(saved: tuple[dict, dict], source: Any, fresh_optimizer: bool) -> None:
+    """Refuse to resume from a checkpoint past step 0 without optimizer state (a run brought home from the device,
+    an edited file) unless `fresh_optimizer`: the run would no longer equal an uninterrupted one."""
+    tensors, meta = saved
+    if meta["step"] > 0 and not unflatten_optimizer(tensors, meta["optimizer"])["state"] and not fresh_optimizer:
+        raise BSRError(f"checkpoint {source} has no optimizer state at step {meta['step']}: resuming would train on "
+                       f"with a fresh optimizer, unlike an uninterrupted run; add --fresh-optimizer to accept that")
 
 
 def restore_state(saved: tuple[dict, dict], model: nn.Module, optimizer: torch.optim.Optimizer,
