@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Optional
+from typing import Any, BinaryIO, Callable, Iterator, Optional, Sequence
 
 from .errors import BSRError
 
@@ -63,6 +63,25 @@ def remove_stale_temps(directory: Path) -> list[str]:
             path.unlink(missing_ok=True)
             removed.append(path.name)
     return removed
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` name one file or folder, however spelled: relative or absolute, through symlinks, or as
+    two hard links (same device and inode)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist: compare where they would be
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def refuse_writing_inputs(outputs: Sequence[Path], inputs: Sequence[Path], option: str = "OUT") -> None:
+    """One line, before anything is written, if an output file (or folder) is one of the command's inputs (or an
+    input's folder): a command never writes over what it reads, however the paths are spelled."""
+    for out in outputs:
+        for source in inputs:
+            if _same(out, source):
+                raise BSRError(f"{option} {out} is the command's own input {source}; writing it would destroy the "
+                               f"input: pick another path")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -117,6 +117,22 @@ def drop_optimizer_state(tensors: dict, header: dict) -> None:
     header["optimizer"]["scalars"] = {}
 
 
+def symlink(name: str, target: str) -> Callable[[Path, Path], None]:
+    def setup(tmp: Path, run: Path) -> None:
+        (tmp / name).symlink_to(tmp / target)
+
+    return setup
+
+
+def png(name: str) -> Callable[[Path, Path], None]:
+    def setup(tmp: Path, run: Path) -> None:
+        from PIL import Image
+
+        Image.new("RGB", (28, 28), (90, 20, 200)).save(tmp / name)
+
+    return setup
+
+
 def truncate_checkpoint(tmp: Path, run: Path) -> None:
     data = (run / CHECKPOINT).read_bytes()
     (run / CHECKPOINT).write_bytes(data[: len(data) // 2])
@@ -194,6 +210,15 @@ TEST_CASES = [
          run=True),
     Case("export-onnx-named-safetensors", ["export", "{run}", "{tmp}/m.safetensors", "--format", "onnx"],
          ["m.safetensors", "m.onnx"], run=True),
+    Case("export-onto-a-symlink-to-the-checkpoint", ["export", "{run}", "{tmp}/link.safetensors"], ["own input"],
+         setup=symlink("link.safetensors", "run/" + CHECKPOINT), run=True),
+    Case("study-combine-onto-its-own-input", ["study-combine", "{tmp}/s0", "{tmp}/s1", "--out", "{tmp}/s0"],
+         ["own input", "s0"], setup=steps(write("s0/study.json", "{}"), write("s1/study.json", "{}"))),
+    Case("study-combine-onto-its-input-through-a-symlink", ["study-combine", "{tmp}/s0", "{tmp}/s1", "--out",
+                                                            "{tmp}/alias"], ["own input"],
+         setup=steps(write("s0/study.json", "{}"), write("s1/study.json", "{}"), symlink("alias", "s1"))),
+    Case("show-tokens-onto-its-input-image", ["show-tokens", "{run}", "{tmp}/img.png", "--out", "{tmp}/img.png"],
+         ["own input", "img.png"], setup=png("img.png"), run=True),
     Case("export-onto-own-checkpoint", ["export", "{run}", "{run}/" + CHECKPOINT], [CHECKPOINT], run=True),
     Case("export-onto-config-yaml", ["export", "{run}", "{run}/config.yaml"], ["config.yaml"], run=True),
     Case("export-onto-metrics-jsonl", ["export", "{run}", "{run}/metrics.jsonl"], ["metrics.jsonl"], run=True),

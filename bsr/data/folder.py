@@ -8,7 +8,7 @@
 
 Without a `test` split of its own, a seeded class-stratified part (`test_fraction` of each class, seed `split_seed`)
 of the training images is the test split; both are kept in the run's config so the split can be rebuilt. A `val`
-split of its own wins over `val_fraction`. Images are decoded by `bsr.data.images.open_image` (greyscale, palette and
+split of its own wins over `val_fraction`. Images are decoded by `bsr_device.images.open_image` (greyscale, palette and
 RGBA become RGB). An unreadable file is skipped and named (`ImageFiles.skipped`), or stops the run with one line when
 `strict`. A missing path, no images, or a single class is a one-line `BSRError`. Listing and splitting live in the
 torch-free `bsr_device.listing` (the device trainer splits the same way); this module decodes and serves the images.
@@ -20,11 +20,11 @@ from typing import Callable, Optional
 
 from torch.utils.data import Dataset
 
+from bsr_device.images import open_image
 from bsr_device.listing import (LAYOUT, PREFIXES, Listing, Sample, dataset_slug, is_user_dataset, list_source,
                                 parse_source, user_split)
 
 from ..errors import BSRError
-from bsr_device.images import open_image
 from .registry import DatasetInfo
 from .registry import dataset_info as registered_info
 

@@ -17,8 +17,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..data import ImageTransform
 from bsr_device.images import open_image
+
+from ..data import ImageTransform
 from ..errors import BSRError
 from .artifact import DELTA_FORMAT, FORMAT, load_model, read_metadata
 from .onnx_export import _session, read_onnx_metadata

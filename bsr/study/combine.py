@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import BSRError
-from ..files import read_json
-from .report import aggregate, compare_to_full, write_outputs
+from ..files import read_json, refuse_writing_inputs
+from .report import OUTPUT_NAMES, aggregate, compare_to_full, write_outputs
 
 SAME = ("method", "bsr", "lr", "steps")  # what must agree when an input's aggregates carry no config
 MEASURED = ("trainable_params", "train_peak_bytes", "saved_activation_bytes", "train_flops_per_step")
@@ -108,6 +108,8 @@ def _json_path(path: str | Path) -> Path:
 def write_combined(paths: Sequence[str | Path], out: str | Path, name: str | None = None) -> dict:
     """Combine the studies at `paths` and write study.json, study.md and accuracy_vs_memory.png into `out`."""
     out = Path(out)
+    inputs = [_json_path(p) for p in paths]
+    refuse_writing_inputs([out, *(out / n for n in OUTPUT_NAMES)], [*inputs, *(p.parent for p in inputs)], "--out")
     data = combine_studies(paths, name or out.name)
     out.mkdir(parents=True, exist_ok=True)
     write_outputs(data, out)

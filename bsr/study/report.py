@@ -271,8 +271,11 @@ def plot_accuracy_vs_memory(data: dict, path: str | Path) -> None:
     plt.close(fig)
 
 
+OUTPUT_NAMES = ("study.json", "study.md", "accuracy_vs_memory.png")  # what `write_outputs` writes
+
+
 def write_outputs(data: dict, out: Path) -> None:
-    """study.json, study.md and accuracy_vs_memory.png in `out`."""
+    """study.json, study.md and accuracy_vs_memory.png (`OUTPUT_NAMES`) in `out`."""
     atomic_write_bytes(out / "study.json", (json.dumps(data, indent=2) + "\n").encode())
     atomic_write_bytes(out / "study.md", study_markdown(data).encode())
     plot_accuracy_vs_memory(data, out / "accuracy_vs_memory.png")

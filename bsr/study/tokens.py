@@ -11,10 +11,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bsr_device.images import open_image
+
 from ..core.patch import bsr_state, kept_patch_indices, record_kept_tokens
 from ..data import ImageTransform
-from bsr_device.images import open_image
 from ..errors import BSRError
+from ..files import refuse_writing_inputs
 from ..train import load_run
 from ..train.batches import build_data
 from ..train.build import backbone, image_size
@@ -34,12 +36,14 @@ def _load_image_files(paths: Sequence[str], size: int, mean: Sequence[float],
 _VECTOR_STARTS = (b"%PDF", b"%!PS", b"<?xml", b"<svg", b"\x1f\x8b", b"%% Creator: Matplotlib")
 
 
-def check_picture_out(out: Path, run_dir: str | Path) -> None:
+def check_picture_out(out: Path, run_dir: str | Path, images: Sequence[str] = ()) -> None:
     """Refuse, before any work, an `--out` that matplotlib cannot write (by its extension), that is a file of a run
-    directory, or that exists and is not a picture (a picture from an earlier call may be replaced, nothing else)."""
+    directory or one of the input `images`, or that exists and is not a picture (a picture from an earlier call may
+    be replaced, nothing else)."""
     from matplotlib.backend_bases import FigureCanvasBase
 
     refuse_run_file(run_dir, out, "--out")
+    refuse_writing_inputs([out], [Path(p) for p in images], "--out")
     formats = FigureCanvasBase.get_supported_filetypes()
     extension = out.suffix[1:].lower()
     if extension not in formats:
@@ -72,7 +76,7 @@ def show_tokens(run_dir: str | Path, images: Sequence[str] = (), dataset_images:
     """
     if not images and dataset_images < 1:
         raise BSRError("no images: pass image files or --dataset-images N")
-    check_picture_out(Path(out), run_dir)
+    check_picture_out(Path(out), run_dir, images)
     cfg, model = load_run(run_dir, torch.device("cpu"))
     vit = backbone(model)
     state = bsr_state(vit)

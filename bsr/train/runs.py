@@ -33,7 +33,7 @@ from ..core.patch import bsr_state, restore
 from ..data import dataset_slug
 from ..errors import BSRError
 from ..files import (OUTPUT_FIX, atomic_write_bytes, exclusive_dir, read_json, read_json_lines, read_yaml,
-                     remove_stale_temps)
+                     refuse_writing_inputs, remove_stale_temps)
 from ..tensorfile import save_tensors
 from ..version import __version__
 from . import distributed
@@ -170,6 +170,8 @@ def refuse_run_file(run: str | Path, out: str | Path, option: str = "OUT") -> No
     """Refuse (one line) an output path that is one of the files of run directory `run` (or of any other run
     directory, one holding a checkpoint): writing it destroys that run."""
     out_path, run_path = Path(out).expanduser().resolve(), Path(run).expanduser().resolve()
+    refuse_writing_inputs([Path(out).expanduser()], [run_path, *(run_path / name for name in RUN_FILE_NAMES)],
+                          option)  # a symlink or hard link to a run file, or the run directory itself
     if out_path.name not in RUN_FILE_NAMES:
         return
     if out_path.parent == run_path:
