@@ -62,3 +62,39 @@ def test_sigterm_ends_a_run_like_ctrl_c(tmp_path):
     assert "terminated" in last and "--resume" in last and "Traceback" not in err
     assert main(["eval", str(run)]) == 0  # the checkpoint is whole
     assert not list(run.glob(".*.tmp"))
+
+
+def test_identical_runs_and_a_killed_resumed_run_write_the_same_checkpoint_bytes(tmp_path, killed_at_step,
+                                                                                   monkeypatch):
+    import bsr.files as files_mod
+
+    argv = ["train", *TINY, "--steps", "6", "--eval-every", "2"]
+    for name in ("a", "b"):
+        assert main([*argv, "--out", str(tmp_path / name)]) == 0
+    whole = (tmp_path / "a" / "checkpoint.safetensors").read_bytes()
+    assert (tmp_path / "b" / "checkpoint.safetensors").read_bytes() == whole
+
+    from bsr.train import resolve_config, train
+
+    cfg = resolve_config({"model": "vit_micro_patch4_28", "img_size": 16, "checkpoint": "none", "limit": 32,
+                          "batch_size": 16, "threads": 1, "steps": 6, "eval_every": 2, "out": str(tmp_path / "c")})
+    with killed_at_step(3):  # killed between two steps
+        train(cfg, progress=False)
+    assert main(["train", "--resume", str(tmp_path / "c"), "--no-progress"]) == 0
+    assert (tmp_path / "c" / "checkpoint.safetensors").read_bytes() == whole
+
+    real, calls = files_mod.os.replace, []  # killed inside the checkpoint write of step 4, before its rename
+
+    def second_write_killed(src, dst):
+        if str(dst).endswith("checkpoint.safetensors"):
+            calls.append(dst)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(files_mod.os, "replace", second_write_killed)
+    assert main([*argv, "--out", str(tmp_path / "e")]) == 130
+    monkeypatch.setattr(files_mod.os, "replace", real)
+    assert not list((tmp_path / "e").glob(".*.tmp"))  # the interrupted write rolled back
+    assert main(["train", "--resume", str(tmp_path / "e"), "--no-progress"]) == 0
+    assert (tmp_path / "e" / "checkpoint.safetensors").read_bytes() == whole

@@ -94,10 +94,12 @@ def save_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.op
     """Write `directory/checkpoint.safetensors` atomically; `meta` must be JSON-able (config, step, ...)."""
     opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
     rng_tensors, rng_meta = rng_state()
-    tensors = {**trainable_state(model), **opt_tensors, **rng_tensors}
+    # sorted names: a resumed optimizer holds its per-parameter state in another order; the file must not differ
+    tensors = dict(sorted({**trainable_state(model), **opt_tensors, **rng_tensors}.items()))
     header = {"format": FORMAT, **meta, "optimizer": opt_meta, "rng": rng_meta}
     path = Path(directory) / CHECKPOINT_NAME
-    save_tensors(path, tensors, metadata={"bsr": json.dumps(header)})  # tensor by tensor: no copy of the state
+    # sorted keys: a resumed run rebuilds some dicts in another order, and its file must be the same bytes
+    save_tensors(path, tensors, metadata={"bsr": json.dumps(header, sort_keys=True)})  # tensor by tensor, no copy
     return path
 
 

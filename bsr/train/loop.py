@@ -15,11 +15,13 @@ test counts are summed over ranks.
 from __future__ import annotations
 
 import contextlib
+import random
 import statistics
 import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -131,6 +133,13 @@ def _no_sync(net: nn.Module, skip: bool):
     return net.no_sync() if skip and hasattr(net, "no_sync") else contextlib.nullcontext()
 
 
+def seed_host_rngs(seed: int) -> None:
+    """Seed Python's and numpy's global generators from the run's seed: they are saved in every checkpoint, and
+    unseeded (drawn from the OS at start) they made two identical runs write different checkpoint bytes."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 def _setup(cfg: TrainConfig, dp: Group, resume: Optional[str | Path], held: contextlib.ExitStack) -> Run:
     """Everything the loop needs, with the checkpoint of `resume` restored. Everything that can fail on bad input
     happens before the first file is written. The run directory's lock goes on `held`."""
@@ -140,6 +149,7 @@ def _setup(cfg: TrainConfig, dp: Group, resume: Optional[str | Path], held: cont
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     released = cfg.release_memory and release_freed_memory()  # before any model or data is allocated
+    seed_host_rngs(cfg.seed)  # a resumed run then restores the checkpoint's states over these
     if cfg.out is None:
         cfg.out = dp.broadcast(default_out(cfg))  # named after rank 0's clock: ranks may straddle a second
     files = RunFiles(Path(cfg.out), write=dp.is_main, held=held)

@@ -235,7 +235,8 @@ class Run:
     def checkpoint_meta(self, scaler_state: dict, log_window: list) -> dict:
         """The metadata saved with the checkpoint of the current step."""
         p = self.progress
-        return {"config": self.cfg.to_dict(), "step": p.step, "epoch": p.step / self.steps_per_epoch,
+        # the config without `out`: the same run written elsewhere gives the same bytes (resume sets out itself)
+        return {"config": {**self.cfg.to_dict(), "out": None}, "step": p.step, "epoch": p.step / self.steps_per_epoch,
                 "best_acc": p.best, "history": p.history, "log_window": log_window,
                 "scheduler": {"total_steps": self.total_steps, "warmup_steps": self.warmup},
                 "scaler": {k: float(v) if torch.is_tensor(v) else v for k, v in scaler_state.items()}}
