@@ -132,6 +132,8 @@ def main() -> None:
     p.add_argument("--methods", default="full,bsr,bsr-lean")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--memory-steps", type=int, default=2, help="steps of each fresh memory process (the first is "
+                   "its warm-up; the peak comes with the first steps)")
     p.add_argument("--out", type=Path, default=Path("runs/device-step"))
     p.add_argument("--worker", choices=("torch", "time"), help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
@@ -160,12 +162,13 @@ def main() -> None:
                                      "trained_tensors": r["trained"]}
         arts[method] = str(art)
         print(f"exported {method}: {record['methods'][method]['export_s']:.1f} s", flush=True)
+    memory = ["--steps", str(args.memory_steps - 1), "--warmup", "1"]
     for method in methods:
         ort = _json_line(subprocess.run([sys.executable, "-m", "bsr_device.bench", arts[method], "--batch-size",
-                                         str(args.batch_size), "--steps", str(args.steps), "--warmup",
-                                         str(args.warmup)], capture_output=True, text=True), f"ORT {method}")
-        pt = _json_line(subprocess.run([sys.executable, __file__, *common, "--worker", "torch", "--method", method],
-                                       capture_output=True, text=True), f"PyTorch {method}")
+                                         str(args.batch_size), *memory], capture_output=True, text=True),
+                         f"ORT {method}")
+        pt = _json_line(subprocess.run([sys.executable, __file__, *common, *memory, "--worker", "torch", "--method",
+                                        method], capture_output=True, text=True), f"PyTorch {method}")
         record["methods"][method].update({"ort_memory": ort, "pytorch_memory": pt})
         print(f"memory {method}: ORT {ort['peak_rss_mib']:.0f} MiB, PyTorch {pt['peak_rss_mib']:.0f} MiB", flush=True)
     times = _json_line(subprocess.run([sys.executable, __file__, *common, "--worker", "time", "--arts",
