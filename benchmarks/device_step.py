@@ -77,7 +77,7 @@ def worker_torch(args) -> dict:
     import torch
 
     from bsr.allocator import release_freed_memory
-    from bsr_device.trainer import peak_rss_mib
+    from bsr_device.process import peak_rss_mib
 
     torch.set_num_threads(1)
     release_freed_memory()  # as bsr train does by default

@@ -21,7 +21,7 @@ import numpy as np
 def measure(artifacts: str, batch_size: int, steps: int, warmup: int, threads: int, graph_format: str,
             arena: bool) -> dict:
     from .runtime import block_torch, import_onnxruntime
-    from .trainer import peak_rss_mib
+    from .process import peak_rss_mib
 
     block_torch()
     import_onnxruntime()

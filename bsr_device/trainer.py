@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from .artifacts import read_json, read_metadata, write_json_atomic
 from .errors import BSRError
 from .images import image_array, open_image
 from .listing import list_source, user_split
+from .process import peak_rss_mib
 from .schedule import lr_at
 from .session import DeviceSession
 
@@ -74,17 +74,6 @@ def check_classes(meta: dict, classes: tuple[str, ...], dataset: str) -> None:
     if len(classes) != count:
         raise BSRError(f"dataset {dataset} has {len(classes)} classes, the artifacts' head has {count}; export them "
                        f"again with --num-classes {len(classes)}")
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (Linux: VmHWM; elsewhere ru_maxrss)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class DeviceRun:

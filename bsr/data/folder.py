@@ -1,10 +1,5 @@
-"""The user's own images (SPEC section 9): `folder:PATH` (torchvision's ImageFolder layout) and `csv:PATH` datasets.
-
-- `folder:PATH`: one sub-folder of images per class (`PATH/<class>/<image>`), class names are the sub-folder names,
-  sorted (as torchvision's `ImageFolder` numbers them). With `PATH/train/` (and optionally `PATH/val/`,
-  `PATH/test/`) each split has that layout and its own images.
-- `csv:PATH`: lines `path,label` (a `path,label` header is allowed), paths relative to the CSV's folder (or absolute);
-  an optional third column `split` (train, val or test) gives the rows' own splits. Class names are the labels, sorted.
+"""The user's own images (SPEC section 9): `folder:PATH` (torchvision's ImageFolder layout) and `csv:PATH` datasets,
+as `bsr_device.listing` lists them (its docstring gives the two layouts).
 
 Without a `test` split of its own, a seeded class-stratified part (`test_fraction` of each class, seed `split_seed`)
 of the training images is the test split; both are kept in the run's config so the split can be rebuilt. A `val`

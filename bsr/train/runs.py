@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,8 @@ from torch.utils.data import DataLoader
 from ..allocator import DEFAULT_THRESHOLD
 from ..core.moe import moe_aux_loss
 from ..core.patch import bsr_state, restore
+from bsr_device.process import peak_rss_mib
+
 from ..data import dataset_slug
 from ..errors import BSRError
 from ..files import (OUTPUT_FIX, atomic_write_bytes, exclusive_dir, read_json, read_json_lines, read_yaml,
@@ -347,16 +348,7 @@ def peak_memory_mib(device: torch.device) -> float:
     """Peak memory so far: CUDA allocator peak on GPU, else the process's peak RSS (Linux VmHWM)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource  # not Linux: ru_maxrss (KiB on Linux, bytes on macOS)
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    return peak_rss_mib()
 
 
 def environment(device: torch.device) -> dict:
