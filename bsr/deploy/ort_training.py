@@ -187,11 +187,10 @@ def export_ort_training(model: nn.Module, out: str | Path, *, optimizer: Optimiz
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BSRError(f"{out} exists and is not an empty folder; pick a new output folder for the artifacts")
     start = time.perf_counter()
-    vit = model
-    size = tuple(img_size or vit.patch_embed.img_size)
-    trained, frozen = training_names(vit)
+    size = tuple(img_size or model.patch_embed.img_size)
+    trained, frozen = training_names(model)
     inference = {k: metadata.get(k) for k in ("class_names", "mean", "std", "bsr")}
-    graph_model = _prepare_graph(_torch_export(vit, size, label_smoothing, opset), trained,
+    graph_model = _prepare_graph(_torch_export(model, size, label_smoothing, opset), trained,
                                  {**inference, "img_size": list(size), "outputs": ["logits"]})
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -205,7 +204,7 @@ def export_ort_training(model: nn.Module, out: str | Path, *, optimizer: Optimiz
             raise BSRError(f"onnxruntime cannot build the training graph ({one_line(e)[:300]}); report the "
                            f"model") from None
         _set_ir_version(work / TRAINING_MODEL, work / EVAL_MODEL)
-        params = {n: p for n, p in vit.named_parameters() if p.requires_grad}
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         (work / OPTIMIZER_MODEL).write_bytes(optimizer_graph(optimizer, params).SerializeToString())
         if log:
             log(f"training graphs written ({len(trained)} trained tensors, {len(frozen)} frozen)")

@@ -11,6 +11,7 @@ epochs, augmentation, splits, seed. What the device graphs cannot do is refused 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable, Optional
@@ -124,7 +125,7 @@ def export_device(source: str | Path | TrainConfig, out: str | Path, *, ort_form
     metadata = {"num_classes": num_classes, "class_names": _class_names(cfg, num_classes), "mean": list(mean),
                 "std": list(std), "config": cfg.to_dict(), "source": None if isinstance(source, TrainConfig)
                 else str(source), "recipe": {k: getattr(cfg, k) for k in RECIPE_KEYS},
-                "bsr": None if resolved is None else json.loads(json.dumps(resolved.__dict__, default=list))}
+                "bsr": None if resolved is None else dataclasses.asdict(resolved)}
     record = export_ort_training(vit, out, optimizer=spec, metadata=metadata, label_smoothing=cfg.label_smoothing,
                                  ort_format=ort_format, log=log)
     record["config"] = cfg
