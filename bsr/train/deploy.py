@@ -62,7 +62,7 @@ def base_state(run: str | Path | TrainConfig) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
 
 
-def _class_names(cfg: TrainConfig, num_classes: int) -> Optional[list[str]]:
+def run_class_names(cfg: TrainConfig, num_classes: int) -> Optional[list[str]]:
     """The run's class names (kept in its config for folder/CSV datasets), else the dataset's, when they fit the head
     (a run may have trained a wider head)."""
     try:
@@ -120,7 +120,7 @@ def export_run(run: str | Path, out: str | Path, fmt: Optional[str] = None, delt
     cfg, model = load_run(run, torch.device("cpu"))
     _check_options(cfg, run, fmt, delta, dtype)
     vit = backbone(model)
-    info = dict(class_names=_class_names(cfg, int(vit.num_classes)), mean=list(cfg.mean), std=list(cfg.std))
+    info = dict(class_names=run_class_names(cfg, int(vit.num_classes)), mean=list(cfg.mean), std=list(cfg.std))
     extra = {"source_run": str(run), "method": cfg.method, "dataset": cfg.dataset}
     if fmt == "onnx":
         record = export_onnx(model, out, metadata={**info, "model_name": cfg.model, **extra})
@@ -142,7 +142,7 @@ def run_predictor(run: str | Path, device: str = "cpu") -> Predictor:
                        f"evaluate it with bsr eval")
     vit = backbone(model)
     return torch_predictor(model, img_size=image_size(model), mean=cfg.mean, std=cfg.std,
-                           class_names=_class_names(cfg, int(vit.num_classes)))
+                           class_names=run_class_names(cfg, int(vit.num_classes)))
 
 
 def predict(target: str | Path, images: Sequence[str | Path], k: int = 5, device: str = "cpu",

@@ -29,7 +29,6 @@ from bsr_device.trainer import CHECKPOINT_FILE, REPORT, RUN_FILE
 
 from ..core import bsr_state
 from ..core.patch import FrozenLowPrecisionLinear
-from ..data import dataset_info
 from ..deploy.onnx_export import export_copy
 from ..deploy.ort_optim import OptimizerSpec, decay_matches
 from ..deploy.ort_training import export_ort_training
@@ -37,6 +36,7 @@ from ..errors import BSRError
 from ..files import atomic_write_bytes
 from .build import backbone, image_size, setup_model
 from .checkpoint import save_checkpoint
+from .deploy import run_class_names, verify_images
 from .config import TrainConfig, make_config, with_values
 from .methods import host
 from .optim import build_optimizer
@@ -93,14 +93,6 @@ def optimizer_spec(cfg: TrainConfig, model: nn.Module) -> OptimizerSpec:
     return spec
 
 
-def _class_names(cfg: TrainConfig, num_classes: int) -> Optional[list[str]]:
-    try:
-        names = list(cfg.class_names or dataset_info(cfg.dataset).classes)
-    except BSRError:
-        return None
-    return names if len(names) == num_classes else None
-
-
 def export_device(source: str | Path | TrainConfig, out: str | Path, *, ort_format: bool = True,
                   verify_steps: int = 0, log: Callable[[str], None] = _quiet) -> dict:
     """Write on-device training artifacts of a run directory (its trained model) or of a config (its base weights
@@ -122,7 +114,7 @@ def export_device(source: str | Path | TrainConfig, out: str | Path, *, ort_form
     num_classes = int(vit.num_classes)
     mean, std = cfg.mean or list(vit.pretrained_cfg.get("mean")), cfg.std or list(vit.pretrained_cfg.get("std"))
     resolved = bsr_state(vit)
-    metadata = {"num_classes": num_classes, "class_names": _class_names(cfg, num_classes), "mean": list(mean),
+    metadata = {"num_classes": num_classes, "class_names": run_class_names(cfg, num_classes), "mean": list(mean),
                 "std": list(std), "config": cfg.to_dict(), "source": None if isinstance(source, TrainConfig)
                 else str(source), "recipe": {k: getattr(cfg, k) for k in RECIPE_KEYS},
                 "bsr": None if resolved is None else dataclasses.asdict(resolved)}
@@ -137,8 +129,6 @@ def export_device(source: str | Path | TrainConfig, out: str | Path, *, ort_form
 
 def _verify_batches(cfg: TrainConfig, size: int, steps: int, batch: int, classes: int) -> list[tuple[np.ndarray, ...]]:
     """`steps` seeded batches: the dataset's test images when it can be read here, else seeded noise images."""
-    from .deploy import verify_images
-
     rng = np.random.default_rng(cfg.seed)
     try:
         images = verify_images(cfg, size, steps * batch)[0].numpy()
