@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import BSRError
+from .listing import Sample
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -70,3 +71,20 @@ def image_array(image: Image.Image, size: int, mean, std, rng: np.random.Generat
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
     x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
     return (x - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
+
+
+def readable(samples: list[Sample], strict: bool = False) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Decode every (path, label) sample's image once: (the readable samples, [(path, reason)] of the others);
+    `strict` stops at the first unreadable one."""
+    good, skipped = [], []
+    for path, label in samples:
+        try:
+            open_image(path)
+        except BSRError as e:
+            if strict:
+                raise BSRError(f"{e} (--strict stops at an unreadable image; fix or remove it, or drop --strict to "
+                               f"skip such files)") from None
+            skipped.append((path, str(e)))
+            continue
+        good.append((path, label))
+    return good, skipped

@@ -26,6 +26,18 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
 
+def checkpoint_parameters(path: str | Path) -> dict[str, np.ndarray]:
+    """Every parameter of an ORT checkpoint file, by name (numpy copies), without building a session; one-line
+    errors."""
+    api = training_api()
+    try:
+        state = api.CheckpointState.load_checkpoint(str(path))
+    except Exception as e:
+        raise BSRError(f"cannot read the device checkpoint {path} ({_one_line(e)}); it is missing or corrupt") \
+            from None
+    return {name: np.array(param.data) for name, param in state.parameters}
+
+
 class DeviceSession:
     """ORT's training module and optimizer over the artifacts in `artifacts`, from `checkpoint` (default: the
     artifacts' own, i.e. the pretrained start) with graphs in `graph_format` ("onnx" or "ort")."""

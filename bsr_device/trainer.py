@@ -23,7 +23,7 @@ import numpy as np
 
 from .artifacts import read_json, read_metadata, write_json_atomic
 from .errors import BSRError
-from .images import image_array, open_image
+from .images import image_array, open_image, readable
 from .listing import list_source, user_split
 from .process import peak_rss_mib
 from .schedule import lr_at
@@ -51,16 +51,11 @@ class ImageSet:
         return np.stack(images), np.array([self.samples[i][1] for i in indices], dtype=np.int64)
 
 
-def readable(samples: list[tuple[str, int]], log: Callable[[str], None]) -> list[tuple[str, int]]:
+def readable_logged(samples: list[tuple[str, int]], log: Callable[[str], None]) -> list[tuple[str, int]]:
     """The samples whose image decodes; each other one is named in the log and left out."""
-    good = []
-    for path, label in samples:
-        try:
-            open_image(path)
-        except BSRError as e:
-            log(f"skipped: {e}")
-            continue
-        good.append((path, label))
+    good, skipped = readable(samples)
+    for _, reason in skipped:
+        log(f"skipped: {reason}")
     return good
 
 
@@ -94,6 +89,7 @@ class DeviceRun:
         self.artifacts, self.dataset, self.overrides, self.resume = Path(artifacts), dataset, overrides, resume
         self.meta = read_metadata(self.artifacts)
         self.recipe = {**self.meta["recipe"], **{k: v for k, v in overrides.items() if v is not None}}
+        self._order: tuple[Optional[int], Optional[np.ndarray]] = (None, None)  # the current epoch's permutation
 
     def setup(self, log: Callable[[str], None]) -> tuple[ImageSet, ImageSet]:
         """(train, test) images of the dataset, split as `bsr train` splits it, classes checked."""
@@ -101,7 +97,7 @@ class DeviceRun:
         listing = list_source(self.dataset)
         check_classes(self.meta, listing.classes, self.dataset)
         self.classes = listing.classes
-        parts = {s: readable(user_split(listing, s, None, 0, 0.0, r["test_fraction"], r["split_seed"]), log)
+        parts = {s: readable_logged(user_split(listing, s, None, 0, 0.0, r["test_fraction"], r["split_seed"]), log)
                  for s in ("train", "test")}
         size = int(self.meta["img_size"][0])
         train, test = (ImageSet(parts[s], size, self.meta["mean"], self.meta["std"]) for s in ("train", "test"))
@@ -123,9 +119,10 @@ class DeviceRun:
         """(epoch, indices) of training step `step`: batch `step % steps_per_epoch` of the epoch's seeded
         permutation (drop_last)."""
         epoch, b = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.recipe["seed"], epoch]).permutation(n)
+        if self._order[0] != epoch:  # one permutation per epoch, not per step
+            self._order = (epoch, np.random.default_rng([self.recipe["seed"], epoch]).permutation(n))
         size = self.recipe["batch_size"]
-        return epoch, order[b * size:(b + 1) * size]
+        return epoch, self._order[1][b * size:(b + 1) * size]
 
 
 def evaluate(session: DeviceSession, images: ImageSet, batch_size: int) -> float:

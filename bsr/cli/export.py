@@ -55,14 +55,20 @@ def _log(message: str) -> None:
     print(f"bsr export: {message}", file=sys.stderr, flush=True)
 
 
+def _first_option(args: argparse.Namespace, flags: dict) -> str:
+    """The first training option, --config or --verify the user gave, as a flag."""
+    name = next(iter(flags), "config" if args.config_file else "verify")
+    return "--" + name.replace("_", "-")
+
+
 def _device(args: argparse.Namespace, flags: dict) -> int:
     from ..train import resolve_config
     from ..train.device import VERIFY_TOLERANCE, export_device
 
     if len(args.paths) == 2:
         if flags or args.config_file:
-            raise BSRError(f"RUN_DIR carries its own config; drop --{next(iter(flags or {'config': 0}))} (or drop "
-                           f"RUN_DIR to export a config)")
+            raise BSRError(f"RUN_DIR carries its own config; drop {_first_option(args, flags)} (or drop RUN_DIR to "
+                           f"export a config)")
         source, out = args.paths
     else:
         source, out = resolve_config(flags, args.config_file), args.paths[0]
@@ -91,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
     if len(args.paths) != 2:
         raise BSRError(f"bsr export --format {args.format} takes RUN_DIR and OUT; only ort-training exports a config")
     if flags or args.config_file or args.verify is not None:
-        given = next(iter(flags)) if flags else ("config" if args.config_file else "verify")
-        raise BSRError(f"--{given.replace('_', '-')} is for --format ort-training; drop it")
+        raise BSRError(f"{_first_option(args, flags)} is for --format ort-training; drop it")
     run_dir, out = args.paths
     r = export_run(run_dir, out, fmt=args.format, delta=args.delta, dtype=args.dtype, log=_log)
     what = {"safetensors": "bsr model file", "delta": "bsr delta file", "onnx": f"ONNX opset {r.get('opset')}",

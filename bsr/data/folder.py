@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 from torch.utils.data import Dataset
 
-from bsr_device.images import open_image
+from bsr_device.images import open_image, readable
 from bsr_device.listing import (LAYOUT, PREFIXES, Listing, Sample, dataset_slug, is_user_dataset, list_source,
                                 parse_source, user_split)
 
@@ -57,23 +57,6 @@ class ImageFiles(Dataset):
         return self.transform(open_image(path)), label
 
 
-def _readable(samples: list[Sample], strict: bool) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """Decode every image once: (the readable samples, [(path, reason)] of the others); `strict` stops at the first
-    unreadable one."""
-    good, skipped = [], []
-    for path, label in samples:
-        try:
-            open_image(path)
-        except BSRError as e:
-            if strict:
-                raise BSRError(f"{e} (--strict stops at an unreadable image; fix or remove it, or drop --strict to "
-                               f"skip such files)") from None
-            skipped.append((path, str(e)))
-            continue
-        good.append((path, label))
-    return good, skipped
-
-
 def build_user_dataset(name: str, split: str, transform: Callable, *, limit: Optional[int], seed: int,
                        val_fraction: float, test_fraction: float, split_seed: int, strict: bool) -> ImageFiles:
     """Split `split` of a `folder:`/`csv:` dataset as an `ImageFiles` (unreadable files skipped, or refused when
@@ -85,7 +68,7 @@ def build_user_dataset(name: str, split: str, transform: Callable, *, limit: Opt
     if not samples:
         raise BSRError(f"dataset {name}: its {split} split is empty; add images or change --test-fraction / "
                        f"--val-fraction")
-    good, skipped = _readable(samples, strict)
+    good, skipped = readable(samples, strict)
     if not good:
         raise BSRError(f"dataset {name}: none of the {len(samples)} images of its {split} split can be read "
                        f"(first: {skipped[0][1]})")

@@ -30,6 +30,8 @@ from .runs import config_of_run, export_weights, load_run, refuse_run_file
 
 EXPORT_FORMATS = ("safetensors", "onnx", "timm")
 SUFFIXES = {"safetensors": ".safetensors", "onnx": ".onnx", "timm": ".safetensors"}  # what each format writes
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+VERIFY_IMAGES = 8  # test images the ONNX export is checked on
 
 
 def export_format(out: str | Path, fmt: Optional[str]) -> str:
@@ -45,8 +47,6 @@ def export_format(out: str | Path, fmt: Optional[str]) -> str:
         raise BSRError(f"--format {fmt} writes a {SUFFIXES[fmt]} file, but OUT={out} ends in {suffix or 'nothing'}; "
                        f"name it {Path(out).with_suffix(SUFFIXES[fmt]).name}")
     return fmt
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-VERIFY_IMAGES = 8  # test images the ONNX export is checked on
 
 
 def _quiet(_: str) -> None:

@@ -12,19 +12,17 @@ epochs, augmentation, splits, seed. What the device graphs cannot do is refused 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-import yaml
 import torch.nn.functional as F
 from torch import nn
 
 from bsr_device.artifacts import read_json, read_metadata
 from bsr_device.schedule import lr_at
-from bsr_device.session import DeviceSession
+from bsr_device.session import DeviceSession, checkpoint_parameters
 from bsr_device.trainer import CHECKPOINT_FILE, REPORT, RUN_FILE
 
 from ..core import bsr_state
@@ -33,14 +31,13 @@ from ..deploy.onnx_export import export_copy
 from ..deploy.ort_optim import OptimizerSpec, decay_matches
 from ..deploy.ort_training import export_ort_training
 from ..errors import BSRError
-from ..files import atomic_write_bytes
 from .build import backbone, image_size, setup_model
 from .checkpoint import save_checkpoint
 from .deploy import run_class_names, verify_images
 from .config import TrainConfig, make_config, with_values
 from .methods import host
 from .optim import build_optimizer
-from .runs import load_run, refuse_run_file
+from .runs import RunFiles, load_run, refuse_run_file
 
 DEVICE_METHODS = ("bsr", "full", "head", "bitfit", "last-k", "tokendrop")
 RECIPE_KEYS = ("batch_size", "epochs", "steps", "lr", "min_lr", "schedule", "warmup_steps", "warmup_epochs",
@@ -72,10 +69,16 @@ def device_problem(cfg: TrainConfig) -> Optional[str]:
     return None
 
 
+def _stepwise_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """`bsr train`'s optimizer of `cfg` for `model` as one optimizer stepped after backward (what the device graph
+    reproduces; the fused step and bf16 state are PyTorch-side memory options)."""
+    return build_optimizer(with_values(cfg, fused_step=False, optimizer_state="fp32"), model)
+
+
 def _no_decay_names(cfg: TrainConfig, model: nn.Module) -> set[str]:
     """Names of the trained parameters `bsr train`'s optimizer does not decay."""
     ids = {id(p): n for n, p in model.named_parameters()}
-    optimizer = build_optimizer(with_values(cfg, fused_step=False, optimizer_state="fp32"), model)
+    optimizer = _stepwise_optimizer(cfg, model)
     return {ids[id(p)] for group in optimizer.param_groups if group.get("weight_decay", 0) == 0
             for p in group["params"]}
 
@@ -151,7 +154,7 @@ def verify_device(artifacts: str | Path, cfg: TrainConfig, model: nn.Module, ste
     low_precision = any(isinstance(m, FrozenLowPrecisionLinear) for m in model.modules())
     vit = export_copy(model, train=True) if low_precision else host(model)
     vit.train()
-    optimizer = build_optimizer(with_values(cfg, fused_step=False, optimizer_state="fp32"), vit)
+    optimizer = _stepwise_optimizer(cfg, vit)
     trained = [p for p in vit.parameters() if p.requires_grad]
     size, classes = image_size(model), int(vit.num_classes)
     ort_losses, torch_losses = [], []
@@ -181,12 +184,12 @@ def import_device_run(device_run: str | Path, out: str | Path, log: Callable[[st
                       "pass a directory written by bsr-device train")
     artifacts = Path(saved["artifacts"])
     meta = read_metadata(artifacts)
-    if (out / "checkpoint.safetensors").exists():
-        raise BSRError(f"{out} already holds a run; pick another output directory")
+    files = RunFiles(out)
+    files.check(resuming=False)  # not a file, not another run, writable
     cfg = make_config({**meta["config"], "dataset": saved["dataset"], "class_names": list(saved["classes"]),
                        "out": str(out)})
     model = setup_model(cfg, torch.device("cpu"))
-    session_params = _checkpoint_parameters(device_run / CHECKPOINT_FILE)
+    session_params = checkpoint_parameters(device_run / CHECKPOINT_FILE)
     params = dict(host(model).named_parameters())
     missing = sorted(set(params) - set(session_params))
     if missing:
@@ -201,28 +204,12 @@ def import_device_run(device_run: str | Path, out: str | Path, log: Callable[[st
             if p.requires_grad:
                 p.copy_(value)
     report = read_json(device_run / REPORT, "the device run's report", "finish the device run first")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-    optimizer = build_optimizer(with_values(cfg, fused_step=False, optimizer_state="fp32"), backbone(model))
+    files.prepare(cfg)  # the directory and its config.yaml
+    optimizer = _stepwise_optimizer(cfg, backbone(model))
     save_checkpoint(out, model, optimizer, {"config": cfg.to_dict(), "step": int(report["steps"]),
                                             "best_acc": float(report["best_top1"]),
                                             "history": {"acc": float(report["final_top1"]),
                                                         "best_step": int(report["best_step"])}})
-    atomic_write_bytes(out / "report.json", (json.dumps({**report, "source": "device", "device_run": str(device_run)},
-                                                        indent=2) + "\n").encode())
+    files.report({**report, "source": "device", "device_run": str(device_run)})
     log(f"imported {len(params)} parameters ({sum(p.requires_grad for p in params.values())} trained)")
     return {"path": str(out), "config": cfg, "report": report}
-
-
-def _checkpoint_parameters(path: Path) -> dict[str, np.ndarray]:
-    """Every parameter of an ORT checkpoint file, by name (numpy copies); one-line errors."""
-    from bsr_device.runtime import training_api
-
-    api = training_api()
-    try:
-        state = api.CheckpointState.load_checkpoint(str(path))
-    except Exception as e:
-        raise BSRError(f"cannot read the device checkpoint {path} ({' '.join(str(e).split())[:200]}); it is missing "
-                       f"or corrupt") from None
-    return {name: np.array(param.data) for name, param in state.parameters}
-

@@ -26,11 +26,11 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bsr_device.process import peak_rss_mib
+
 from ..allocator import DEFAULT_THRESHOLD
 from ..core.moe import moe_aux_loss
 from ..core.patch import bsr_state, restore
-from bsr_device.process import peak_rss_mib
-
 from ..data import dataset_slug
 from ..errors import BSRError
 from ..files import (OUTPUT_FIX, atomic_write_bytes, exclusive_dir, read_json, read_json_lines, read_yaml,
@@ -168,17 +168,13 @@ RESUME_OPTIONS = ("device", "workers", "threads", "release_memory", "fresh_optim
 
 
 def refuse_run_file(run: str | Path, out: str | Path, option: str = "OUT") -> None:
-    """Refuse (one line) an output path that is one of the files of run directory `run` (or of any other run
-    directory, one holding a checkpoint): writing it destroys that run."""
-    out_path, run_path = Path(out).expanduser().resolve(), Path(run).expanduser().resolve()
-    refuse_writing_inputs([Path(out).expanduser()], [run_path, *(run_path / name for name in RUN_FILE_NAMES)],
-                          option)  # a symlink or hard link to a run file, or the run directory itself
-    if out_path.name not in RUN_FILE_NAMES:
-        return
-    if out_path.parent == run_path:
-        raise BSRError(f"{option} {out} is the run's own {out_path.name}; writing it would destroy the run, pick a "
-                       f"path outside {run}")
-    if (out_path.parent / CHECKPOINT_NAME).is_file():
+    """Refuse (one line) an output path that is one of the files of run directory `run`, however spelled (relative,
+    symlink, hard link), or the run directory itself, or a run file of any other run directory (one holding a
+    checkpoint): writing it destroys that run."""
+    run_path = Path(run).expanduser().resolve()
+    refuse_writing_inputs([Path(out).expanduser()], [run_path, *(run_path / name for name in RUN_FILE_NAMES)], option)
+    out_path = Path(out).expanduser().resolve()
+    if out_path.name in RUN_FILE_NAMES and (out_path.parent / CHECKPOINT_NAME).is_file():
         raise BSRError(f"{option} {out} is the {out_path.name} of the run in {out_path.parent}; writing it would "
                        f"destroy that run, pick another path")
 
