@@ -262,11 +262,11 @@ def test_onnx_ranking_breaks_ties_like_the_stable_sort(tmp_path):
     """ONNX TopK ranks equal scores by lower index, as `torch.sort(stable=True)` in `bsr.core.ops` does."""
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (optional: pip install onnxruntime)")
     from bsr.core.ops import drop_tokens
-    from bsr.deploy.onnx_export import _session, drop_tokens_static
+    from bsr.deploy.onnx_export import _session
 
     class Drop(torch.nn.Module):
         def forward(self, x, scores):
-            return drop_tokens_static(x, scores, 0.5, True)
+            return drop_tokens(x, scores, 0.5, True, static=True)
 
     x = torch.randn(2, 9, 4)
     scores = torch.tensor([[0.1, 0.3, 0.3, 0.1, 0.3, 0.2, 0.1, 0.3], [0.2] * 8])  # ties everywhere

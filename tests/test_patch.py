@@ -299,18 +299,25 @@ def test_malformed_block_spec_is_refused(spec):
 
 @pytest.mark.parametrize("build,match", [
     (lambda: torch.nn.Linear(2, 2), "needs a timm VisionTransformer"),
-    (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, reg_tokens=2),
-     "register tokens"),
-    (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, global_pool="avg"),
-     "global_pool='avg'"),
-    (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, class_token=False,
-                               global_pool="avg"), "no class token"),
+    (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, global_pool="max"),
+     "global_pool='max'"),
+    (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, global_pool=""),
+     "global_pool=''"),
+    (lambda: timm.create_model("vit_tiny_patch16_224", img_size=8, patch_size=8, depth=4, reg_tokens=4),
+     "1 patch token"),
     (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4,
                                block_fn=timm.models.vision_transformer.ResPostBlock), "ResPostBlock"),
 ])
 def test_unsupported_hosts_are_refused(build, match):
     with pytest.raises(BSRError, match=match):
         bsr.reprogram(build(), BSRConfig(trainable_blocks="1", drop_blocks="2"))
+
+
+def test_class_token_rule_needs_a_class_token():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, class_token=False,
+                              global_pool="avg")
+    with pytest.raises(BSRError, match="token_score='cls' needs a class token"):
+        bsr.reprogram(model, BSRConfig(trainable_blocks="1", drop_blocks="2", token_score="cls"))
 
 
 def test_registers_and_avg_pool_are_fine_without_dropping():

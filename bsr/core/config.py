@@ -16,6 +16,7 @@ BlockSpec = Union[str, Sequence[int]]
 
 FROZEN_DTYPES = ("float32", "bfloat16", "float16")
 RECOMPUTE = ("auto", "none", "first", "all")
+TOKEN_SCORES = ("auto", "cls", "mean")
 PRESETS: dict[str, dict] = {
     "paper": {},
     "lean": {"frozen_dtype": "bfloat16", "recompute": "all", "score_grad": False},
@@ -79,13 +80,19 @@ class BSRConfig:
         metadata={"help": "fraction of non-CLS tokens kept at each drop block, in (0, 1]; 1 disables dropping"})
     fuse_token: bool = field(
         default=True,
-        metadata={"help": "merge the dropped tokens into one extra token, weighted by their CLS attention"})
+        metadata={"help": "merge the dropped tokens into one extra token, weighted by their scores"})
+    token_score: str = field(
+        default="auto",
+        metadata={"help": "how drop blocks rank patch tokens: cls (the class token's attention, the paper's rule); "
+                          "mean (the attention each token receives, averaged over all queries and heads: the rule "
+                          "for heads that average or attention-pool the tokens); auto (cls when the head reads the "
+                          "class token, global_pool='token'; else mean)"})
     drop_in_eval: bool = field(
         default=True,
         metadata={"help": "drop tokens in evaluation too (off: evaluate on all tokens)"})
     score_grad: bool = field(
         default=True,
-        metadata={"help": "let gradients flow through the CLS scores into the fused token (off: scores are "
+        metadata={"help": "let gradients flow through the token scores into the fused token (off: scores are "
                           "constants, saving a little memory)"})
     train_patch_embed: bool = field(
         default=False,
@@ -113,7 +120,8 @@ class BSRConfig:
         for name in ("fuse_token", "drop_in_eval", "score_grad", "train_patch_embed"):
             if not isinstance(getattr(self, name), bool):
                 raise BSRError(f"{name}={getattr(self, name)!r} is not true/false; use true or false")
-        for name, choices in (("frozen_dtype", FROZEN_DTYPES), ("recompute", RECOMPUTE)):
+        for name, choices in (("frozen_dtype", FROZEN_DTYPES), ("recompute", RECOMPUTE),
+                              ("token_score", TOKEN_SCORES)):
             if getattr(self, name) not in choices:
                 raise BSRError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}; pick one of them")
 
@@ -132,7 +140,7 @@ class BSRConfig:
         return ResolvedBSR(depth=depth, trainable_blocks=trainable, drop_blocks=drop, keep_rate=self.keep_rate,
                            fuse_token=self.fuse_token, drop_in_eval=self.drop_in_eval, score_grad=self.score_grad,
                            frozen_dtype=self.frozen_dtype, recompute=self.recompute,
-                           train_patch_embed=self.train_patch_embed)
+                           train_patch_embed=self.train_patch_embed, token_score=self.token_score)
 
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), (list, tuple)) else v)
@@ -153,6 +161,7 @@ class ResolvedBSR:
     frozen_dtype: str = "float32"
     recompute: str = "none"
     train_patch_embed: bool = False
+    token_score: str = "cls"
 
     @property
     def first_trainable(self) -> int:

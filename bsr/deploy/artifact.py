@@ -91,7 +91,8 @@ def _bsr_config(vit: nn.Module, bsr: Optional[BSRConfig]) -> Optional[BSRConfig]
         return None
     return BSRConfig(trainable_blocks=list(resolved.trainable_blocks), drop_blocks=list(resolved.drop_blocks),
                      keep_rate=resolved.keep_rate, fuse_token=resolved.fuse_token, drop_in_eval=resolved.drop_in_eval,
-                     score_grad=resolved.score_grad, frozen_dtype=resolved.frozen_dtype, recompute=resolved.recompute)
+                     score_grad=resolved.score_grad, frozen_dtype=resolved.frozen_dtype, recompute=resolved.recompute,
+                     token_score=resolved.token_score)
 
 
 def _usual_kwargs(vit: nn.Module) -> dict:

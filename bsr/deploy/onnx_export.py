@@ -1,8 +1,8 @@
 """ONNX export of a BSR model with its token dropping inside the graph, checked with onnxruntime.
 
 BSR (Sarkar et al., arXiv 2405.10951) drops tokens in inference too, so the export must keep the drop: at every drop
-block the graph computes the CLS row of the attention (B, H, 1, N: no N x N matrix for the scores), ranks the tokens
-with `TopK`, gathers the kept ones (`GatherElements`) and appends the fused token (a `MatMul` of the dropped tokens
+block the graph computes the token scores (the class token's row of the attention, B x H x 1 x N, or the attention
+each token receives, a q-sized block of queries at a time: `bsr.core.ops`), ranks the tokens with `TopK`, gathers the kept ones (`GatherElements`) and appends the fused token (a `MatMul` of the dropped tokens
 with their scores); every later block runs on the reduced sequence. `onnx_token_counts` measures the sequence length
 each block's attention and MLP really see in onnxruntime.
 
@@ -39,9 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..core.ops import fuse_tokens, kept_count, token_counts
-from ..core.patch import (_STATE, BSRBlock, FrozenLowPrecisionLinear, attention_with_cls_scores, attn_residual,
-                          bsr_state, mlp_residual, record_kept_tokens)
+from ..core.ops import token_counts
+from ..core.patch import _STATE, FrozenLowPrecisionLinear, bsr_state, record_kept_tokens
 from ..errors import BSRError
 from ..files import atomic_write_bytes
 from .artifact import host_vit, merged_model, one_line
@@ -49,58 +48,6 @@ from .artifact import host_vit, merged_model, one_line
 DEFAULT_OPSET = 17
 ONNX_META_KEY = "bsr"  # metadata_props key of the JSON document (class names, mean/std, ...) of an export
 _LAYERNORM_NAME = re.compile(r"blocks\.(\d+)/norm([12])/")  # TorchScript exporter node names: /blocks.3/norm2/...
-
-
-def _gather(x: Tensor, idx: Tensor) -> Tensor:
-    """x: (B, M, C), idx: (B, K) -> (B, K, C); exports as one `GatherElements` with a dynamic batch."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-
-
-def drop_tokens_static(x: Tensor, scores: Tensor, keep_rate: float, fuse: bool) -> tuple[Tensor, Tensor]:
-    """`bsr.core.ops.drop_tokens` written with ops ONNX has (TopK, GatherElements); same result in ONNX.
-
-    x: (B, N, C) with CLS at 0, scores: (B, N - 1) -> (x' (B, 1 + k [+ 1], C), keep_idx (B, k)). N is read as a
-    constant (static in the export). Ties are ranked towards the lower index by ONNX TopK, as by the stable sort.
-    """
-    n = int(scores.shape[1])  # a constant while tracing: the token count does not depend on the batch
-    k = kept_count(n + 1, keep_rate)
-    order = torch.topk(scores, n, dim=1, largest=True, sorted=True).indices  # (B, n), best first
-    keep_idx = torch.topk(order[:, :k], k, dim=1, largest=False, sorted=True).values  # (B, k), ascending
-    parts = [x[:, :1], _gather(x, keep_idx + 1)]  # + 1: the indices skip CLS
-    if fuse and n > k:
-        drop_idx = torch.topk(order[:, k:], n - k, dim=1, largest=False, sorted=True).values  # (B, n - k)
-        parts.append(fuse_tokens(_gather(x, drop_idx + 1), torch.gather(scores, 1, drop_idx)))
-    return torch.cat(parts, dim=1), keep_idx
-
-
-def scores_without_gradient(scores: Tensor) -> Tensor:
-    """`scores.detach()` that survives the ONNX export (the exporter drops `detach`): ORT's gradient builder stops at a
-    Cast to an integer type, so the values make a round trip through int64 scaled by 2^60, exact for every float32 in
-    [2^-36, 1] (CLS scores are probabilities) and off by at most 2^-60 below."""
-    return (scores * 2.0 ** 60).to(torch.int64).to(scores.dtype) * 2.0 ** -60
-
-
-class ExportBSRBlock(BSRBlock):
-    """A `BSRBlock` for export: the same computation, token dropping by `drop_tokens_static`.
-
-    Changes against `BSRBlock`: the sort is ONNX `TopK`. In eval mode the scores carry no gradient; in training mode
-    (the on-device training graph, `bsr.deploy.ort_training`) they carry it as `score_grad` says, through the fused
-    token's weights, as in PyTorch.
-    """
-
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        if not self.dropping():
-            return mlp_residual(self, attn_residual(self, x))
-        score_grad = self.training and self._bsr_score_grad
-        a, scores = attention_with_cls_scores(self.attn, self.norm1(x), score_grad=score_grad)
-        if self.training and not score_grad:
-            scores = scores_without_gradient(scores)  # the training graph: no gradient through the scores
-        x = x + self.drop_path1(self.ls1(a))
-        x, keep_idx = drop_tokens_static(x, scores, self._bsr_keep_rate, self._bsr_fuse)
-        recorder = getattr(self, "_bsr_recorder", None)
-        if recorder is not None:
-            recorder.append(keep_idx)
-        return mlp_residual(self, x)
 
 
 class _Exported(nn.Module):
@@ -119,16 +66,19 @@ class _Exported(nn.Module):
 
 
 def export_copy(model: nn.Module, train: bool = False) -> nn.Module:
-    """A float32 copy of `model` (peft merged) whose drop blocks are `ExportBSRBlock`s: in eval mode and frozen, or
-    with `train` in training mode with the trained parameters still requiring gradients."""
+    """A float32 copy of `model` (peft merged) whose drop blocks use ONNX-expressible ops (`_bsr_static`: the same
+    result, `bsr.core.ops.drop_tokens(static=True)`): in eval mode and frozen, or with `train` in training mode with
+    the trained parameters still requiring gradients. In eval mode the scores carry no gradient; in training mode (the
+    on-device training graph, `bsr.deploy.ort_training`) they carry it as `score_grad` says, through the fused
+    token's weights, as in PyTorch (off: `bsr.core.ops.scores_without_gradient`)."""
     vit = merged_model(model)
     vit = copy.deepcopy(vit) if vit is model else vit
     for module in vit.modules():
         if isinstance(module, FrozenLowPrecisionLinear):  # no bf16 matmul on onnxruntime's CPU: float32, bf16 values
             module.weight.data = module.weight.data.float()
             module.__class__ = nn.Linear
-        elif type(module) is BSRBlock:
-            module.__class__ = ExportBSRBlock
+        elif hasattr(module, "_bsr_keep_rate"):  # a drop block
+            module._bsr_static = True
     state = getattr(vit, _STATE, None)
     if state is not None and state.resolved.recompute != "none":  # the graph has no torch.utils.checkpoint
         state.resolved = dataclasses.replace(state.resolved, recompute="none")
@@ -140,12 +90,13 @@ def expected_token_counts(model: nn.Module, img_size: int | tuple[int, int]) -> 
     """Tokens each block's attention and MLP see in eval mode, per the BSR configuration (no config: all tokens)."""
     vit = host_vit(model)
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    patch = vit.patch_embed.patch_size
-    tokens = (size[0] // patch[0]) * (size[1] // patch[1]) + vit.num_prefix_tokens
+    patch, prefix = vit.patch_embed.patch_size, vit.num_prefix_tokens
+    tokens = (size[0] // patch[0]) * (size[1] // patch[1]) + prefix
     resolved = bsr_state(vit)
     if resolved is None or not resolved.drop_in_eval:
-        return token_counts(tokens, len(vit.blocks), [], 1.0, False)
-    return token_counts(tokens, len(vit.blocks), resolved.drop_blocks, resolved.keep_rate, resolved.fuse_token)
+        return token_counts(tokens, len(vit.blocks), [], 1.0, False, prefix)
+    return token_counts(tokens, len(vit.blocks), resolved.drop_blocks, resolved.keep_rate, resolved.fuse_token,
+                        prefix)
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, img_size: Optional[int | tuple[int, int]] = None,
