@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from bsr.core.ops import (cls_attention_scores, drop_tokens, fuse_tokens, gather_tokens, kept_count, select_tokens,
-                     token_counts)
+from bsr.core.ops import (attention_probs_scores, cls_attention_scores, drop_tokens, fuse_tokens, gather_tokens,
+                          kept_count, mean_attention_scores, select_tokens, token_counts)
 
 
 @pytest.mark.parametrize("num_tokens,keep_rate,expected", [
@@ -38,6 +38,41 @@ def test_cls_attention_scores_match_full_attention_row():
     scores = cls_attention_scores(q, k, 8 ** -0.5)
     assert scores.shape == (3, 16)
     torch.testing.assert_close(scores, _brute_scores(q, k, 8 ** -0.5))
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 5])
+@pytest.mark.parametrize("chunk", [0, 1, 5, 64])
+def test_mean_attention_scores_match_the_full_matrix(prefix, chunk):
+    torch.manual_seed(4)
+    q, k = torch.randn(2, 3, 19, 6), torch.randn(2, 3, 19, 6)
+    full = ((q @ k.transpose(-2, -1)) * 6 ** -0.5).softmax(-1)  # (B, H, N, N)
+    expected = torch.tensor([[sum(full[b, h, i, j].item() for h in range(3) for i in range(19)) / (3 * 19)
+                              for j in range(prefix, 19)] for b in range(2)])
+    scores = mean_attention_scores(q, k, 6 ** -0.5, prefix, chunk)
+    assert scores.shape == (2, 19 - prefix)
+    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(attention_probs_scores(full, "mean", prefix), expected)
+    if prefix == 0:  # every query's row sums to 1, so the mean received attention does too
+        torch.testing.assert_close(scores.sum(1), torch.ones(2))
+
+
+def test_cls_scores_skip_every_prefix_token():
+    torch.manual_seed(5)
+    q, k = torch.randn(2, 2, 9, 4), torch.randn(2, 2, 9, 4)
+    full = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1)
+    torch.testing.assert_close(cls_attention_scores(q, k, 0.5, prefix=5), full.mean(1)[:, 0, 5:])
+    torch.testing.assert_close(attention_probs_scores(full, "cls", 5), full.mean(1)[:, 0, 5:])
+
+
+def test_drop_tokens_keeps_registers_in_front():
+    torch.manual_seed(6)
+    x, scores = torch.randn(2, 3 + 8, 4), torch.rand(2, 8)
+    out, keep = drop_tokens(x, scores, 0.5, fuse=True, prefix=3)
+    assert out.shape == (2, 3 + 4 + 1, 4) and torch.equal(out[:, :3], x[:, :3])
+    for b in range(2):
+        assert torch.equal(out[b, 3:7], x[b, keep[b] + 3])
+    assert token_counts(3 + 8, 2, [0], 0.5, True, prefix=3) == [(11, 8), (8, 8)]
+    assert kept_count(3 + 8, 0.01, prefix=3) == 1  # ceil: never every patch
 
 
 @pytest.mark.parametrize("n,k", [(16, 8), (16, 1), (16, 16), (5, 3)])

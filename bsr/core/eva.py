@@ -43,21 +43,25 @@ def eva_mlp_residual(blk: EvaBlock, x: Tensor) -> Tensor:
 
 
 def eva_block(blk: EvaBlock, x: Tensor, rope: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-    """A whole `EvaBlock` (dropping or not), returning the rotary table for the next block."""
-    x, rope = eva_attn_residual(blk, x, rope)
-    return eva_mlp_residual(blk, x), rope
+    """A whole block called as a module (its hooks run), returning the rotary table for the next block."""
+    if isinstance(blk, BSREvaBlock):
+        return blk(x, rope=rope, return_rope=True)
+    return blk(x, rope=rope), rope
 
 
 class BSREvaBlock(EvaBlock):
     """A timm `EvaBlock` that drops tokens between its attention and its MLP (see `bsr.core.vit.BSRBlock`).
 
-    Called on its own it cannot hand the reduced rotary table on; `BSREva` calls `eva_block` instead.
+    Changes against the host: token dropping, and with `return_rope` (what `BSREva` passes) the output is the pair
+    (tokens, rotary table for the next block).
     """
 
     def forward(self, x: Tensor, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
-                is_causal: bool = False) -> Tensor:
+                is_causal: bool = False, return_rope: bool = False):
         refuse_masks(attn_mask, is_causal)
-        return eva_block(self, x, rope)[0]
+        x, rope = eva_attn_residual(self, x, rope)
+        x = eva_mlp_residual(self, x)
+        return (x, rope) if return_rope else x
 
 
 class BSREva(Eva):

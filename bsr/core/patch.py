@@ -160,7 +160,7 @@ def reprogram(model: nn.Module, config: Optional[BSRConfig] = None) -> nn.Module
     """Patch a timm `VisionTransformer` or `Eva` in place for BSR and return it.
 
     Freezes everything except the trainable blocks, the final norm(s), the attention pool and the head (and with
-    `train_patch_embed` the patch embedding, position embedding, class and register tokens); installs token dropping
+    `train_patch_embed` the patch embedding and its norm, position embedding, class and register tokens); installs token dropping
     at the drop blocks (prefix tokens: class and registers, never dropped); runs the frozen prefix without autograd.
     `state_dict` keys are unchanged. With `keep_rate=1` and `trainable_blocks="all"` the model keeps the host's exact
     forward. Undo with `restore(model)`.
@@ -182,7 +182,8 @@ def reprogram(model: nn.Module, config: Optional[BSRConfig] = None) -> nn.Module
         for p in module.parameters():
             p.requires_grad_(True)
     if resolved.train_patch_embed:
-        for p in [*model.patch_embed.parameters(), model.cls_token, model.pos_embed, model.reg_token]:
+        for p in [*model.patch_embed.parameters(), *model.norm_pre.parameters(), model.cls_token, model.pos_embed,
+                  model.reg_token]:
             if p is not None:
                 p.requires_grad_(True)
 
