@@ -28,8 +28,9 @@ def host(model: nn.Module) -> nn.Module:
 
 
 def final_modules(vit: nn.Module) -> list[nn.Module]:
-    """Final norm, pooled-feature norm and head: trained by every method."""
-    return [m for m in (getattr(vit, "norm", None), getattr(vit, "fc_norm", None), getattr(vit, "head", None))
+    """Final norm, pooled-feature norm, attention pool (SigLIP, Perception Encoder) and head: trained by every
+    method."""
+    return [m for m in (getattr(vit, name, None) for name in ("norm", "fc_norm", "attn_pool", "head"))
             if isinstance(m, nn.Module)]
 
 
@@ -106,10 +107,13 @@ def _train_gates(model: nn.Module) -> None:
 
 
 def lora_targets(model: nn.Module) -> list[str]:
-    """Qualified names of the qkv, proj, fc1 and fc2 Linear layers of every block, found by structure."""
+    """Qualified names of every block's attention projections (qkv, or q/k/v apart) and output projection, and its MLP
+    Linears (fc1 and fc2; SwiGLU's fc1_g and fc1_x in Eva), found by structure."""
     wanted = set()
+    children = [("attn", c) for c in ("qkv", "q_proj", "k_proj", "v_proj", "proj")] + \
+        [("mlp", c) for c in ("fc1", "fc1_g", "fc1_x", "fc2")]
     for block in model.blocks:
-        for parent, child in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
+        for parent, child in ((getattr(block, p), c) for p, c in children):
             layer = getattr(parent, child, None)
             if isinstance(layer, nn.Linear):
                 wanted.add(id(layer))
