@@ -2,10 +2,14 @@
 
     python benchmarks/capped.py --cap 1.5GiB                     # ViT-B/16, batch 32, 3 steps (about 10 minutes)
     python benchmarks/capped.py --cap 1.5GiB --model deit_small_patch16_224 --out runs/capped-deits
+    python benchmarks/capped.py --budget-only --model vit_base_patch16_224,deit_small_patch16_224 \
+        --cap 768MiB,1GiB,1.5GiB,2GiB --out runs/budget-promise     # is every budget kept? (issue 31)
 
 Runs, each inside the same kernel-enforced memory cap: (1) full fine-tuning, `bsr train --method full`, which the
 cap's OOM killer should stop, and (2) `bsr train --memory-budget CAP` with otherwise the same flags, which plans a
-configuration for the cap, checks it with a real step and trains it to the end. The cap is, in order of preference:
+configuration for the cap, checks it with a real step and trains it to the end. Several caps and models: each
+(model, cap) pair in a cap of its own; the table sets every budgeted run's whole-process peak against its budget.
+The cap is, in order of preference:
 `systemd-run --scope -p MemoryMax=CAP` (cgroup v2 through systemd), a cgroup v2 child of this process's cgroup with
 `memory.max`, or a cgroup v1 memory child with `memory.limit_in_bytes` (and `memory.memsw.limit_in_bytes`: no swap).
 Where none of them works it says why and exits with status 2. Weights are random (`--checkpoint none`): memory does
@@ -168,62 +172,96 @@ def run_capped(cap: Cap, argv: list[str], log: Path) -> dict:
             "log": str(log), **after}
 
 
+def _budget_run(cap: Cap, command: list[str], run_dir: Path, log: Path) -> dict:
+    """One `bsr train` inside the cap, with what its report and plan file say."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    result = run_capped(cap, command + ["--out", str(run_dir)], log)
+    report = run_dir / "report.json"
+    if report.is_file():
+        result["report_peak_mib"] = json.loads(report.read_text())["peak_memory_mib"]
+    if (run_dir / "plan.json").is_file():
+        plan = json.loads((run_dir / "plan.json").read_text())
+        result["plan"] = {"chosen": plan.get("chosen"), "trained_peak_bytes": plan.get("trained_peak_bytes"),
+                          "budget_kept": plan.get("budget_kept"), "options": [
+                              {k: o.get(k) for k in ("label", "changes", "predicted_bytes", "measured_bytes")}
+                              for o in plan["options"]]}
+    return result
+
+
+def _promise_row(model: str, budget: str, r: dict) -> str:
+    """A row of the budget table: what was chosen, predicted, checked, and the trained run's peaks."""
+    plan = r.get("plan") or {}
+    chosen = plan.get("chosen")
+    option = plan["options"][chosen] if chosen is not None else {}
+    mib = lambda b: f"{b / MiB:,.0f}" if b else "-"  # noqa: E731
+    own = r.get("report_peak_mib")
+    limit = parse_size(budget)
+    kept = "yes" if r["returncode"] == 0 and own is not None and own * MiB <= limit else "no"
+    return (f"| {model} | {budget} ({limit / MiB:,.0f} MiB) | {option.get('label', '-')} | "
+            f"{mib(option.get('predicted_bytes'))} | {mib(option.get('measured_bytes'))} | "
+            f"{f'{own:,.0f}' if own else '-'} | {mib(r.get('peak_bytes'))} | {r['returncode']} | {kept} |")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cap", default="1.5GiB", help="memory cap, e.g. 1.5GiB (also the --memory-budget)")
-    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--cap", default="1.5GiB", help="memory cap(s), comma-separated, e.g. 1.5GiB or 1GiB,2GiB (each "
+                                                   "also the --memory-budget)")
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm model(s), comma-separated")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--budget-only", action="store_true", help="skip the full fine-tuning run of each cap")
     p.add_argument("--out", default="runs/capped")
     args = p.parse_args()
-    limit = parse_size(args.cap)
-    cap, why = make_cap(limit)
-    if cap is None:
-        print(f"capped.py: cannot cap memory here: {'; '.join(why)}. Run it where systemd-run --scope works or "
-              f"/sys/fs/cgroup is writable (e.g. as root in a VM).", file=sys.stderr)
-        return 2
+    caps, models = args.cap.split(","), args.model.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # the machine's overhead is measured once and cached; measure it here, outside the cap, if it is not cached yet
     overhead(torch.device("cpu"), True, lambda message: print(f"capped.py: {message}", flush=True))
-    common = ["--model", args.model, "--checkpoint", "none", "--dataset", "digits-embedded",
-              "--limit", str(args.batch_size * args.steps), "--batch-size", str(args.batch_size), "--steps",
-              str(args.steps), "--threads", str(args.threads), "--no-progress"]
     bsr = [sys.executable, "-m", "bsr", "train"]
-    runs = {}
-    try:
-        print(f"cap: {cap.how}", flush=True)
-        for name, extra in (("full", ["--method", "full"]), ("memory-budget", ["--memory-budget", args.cap])):
-            run_dir = out / name
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            runs[name] = run_capped(cap, bsr + common + extra + ["--out", str(run_dir)], out / f"{name}.log")
-            report = run_dir / "report.json"
-            if report.is_file():
-                runs[name]["report_peak_mib"] = json.loads(report.read_text())["peak_memory_mib"]
-            if (run_dir / "plan.json").is_file():
-                plan = json.loads((run_dir / "plan.json").read_text())
-                chosen = plan.get("chosen")
-                runs[name]["plan"] = {"chosen": chosen, "options": [
-                    {k: o.get(k) for k in ("label", "changes", "predicted_bytes", "measured_bytes")}
-                    for o in plan["options"]]}
-            print(f"{name}: exit {runs[name]['returncode']} after {runs[name]['seconds']} s; {runs[name]}",
-                  flush=True)
-    finally:
-        cap.close()
-    record = {"cap": args.cap, "cap_bytes": limit, "how": cap.how, "not_used": why, "runs": runs,
-              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    runs, hows, why = {}, set(), []
+    for model in models:
+        common = ["--model", model, "--checkpoint", "none", "--dataset", "digits-embedded",
+                  "--limit", str(args.batch_size * args.steps), "--batch-size", str(args.batch_size), "--steps",
+                  str(args.steps), "--threads", str(args.threads), "--no-progress"]
+        for budget in caps:
+            cap, why = make_cap(parse_size(budget))
+            if cap is None:
+                print(f"capped.py: cannot cap memory here: {'; '.join(why)}. Run it where systemd-run --scope works "
+                      f"or /sys/fs/cgroup is writable (e.g. as root in a VM).", file=sys.stderr)
+                return 2
+            hows.add(cap.how.split(" = ")[0])
+            try:
+                print(f"{model} in {budget}: {cap.how}", flush=True)
+                jobs = ([] if args.budget_only else [("full", ["--method", "full"])]) + \
+                    [("memory-budget", ["--memory-budget", budget])]
+                for name, extra in jobs:
+                    key = f"{model}/{budget}/{name}"
+                    stem = key.replace("/", "-")
+                    runs[key] = _budget_run(cap, bsr + common + extra, out / stem, out / f"{stem}.log")
+                    print(f"{key}: exit {runs[key]['returncode']} after {runs[key]['seconds']} s; {runs[key]}",
+                          flush=True)
+            finally:
+                cap.close()
+    record = {"caps": caps, "models": models, "batch_size": args.batch_size, "steps": args.steps, "how": sorted(hows),
+              "not_used": why, "runs": runs, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (out / "capped.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(f"\n| run | exit | seconds | cap peak MiB | OOM kills | bsr's own peak MiB |\n|---|---:|---:|---:|---:|---:|")
-    for name, r in runs.items():
-        peak = f"{r['peak_bytes'] / MiB:,.0f}" if r.get("peak_bytes") else "-"
-        own = f"{r['report_peak_mib']:,.0f}" if r.get("report_peak_mib") else "-"
-        print(f"| {name} | {r['returncode']} | {r['seconds']} | {peak} | {r.get('oom_kills', '-')} | {own} |")
-    ok = runs["full"]["returncode"] != 0 and runs["memory-budget"]["returncode"] == 0
-    print(f"\nfull fine-tuning {'was stopped by' if runs['full']['returncode'] != 0 else 'fit in'} the cap; "
-          f"--memory-budget {'trained to the end' if runs['memory-budget']['returncode'] == 0 else 'failed'}")
-    return 0 if ok else 1
+    print("\n| model | budget = cap | option trained | predicted MiB | checked MiB | trained process peak MiB | "
+          "cap peak MiB | exit | peak within budget |\n|---|---|---|---:|---:|---:|---:|---:|---|")
+    for key, r in runs.items():
+        model, budget, name = key.split("/")
+        if name == "memory-budget":
+            print(_promise_row(model, budget, r))
+    fulls = {k: r for k, r in runs.items() if k.endswith("/full")}
+    if fulls:
+        print("\n" + "\n".join(f"{k}: exit {r['returncode']}, cap peak "
+                                f"{(r.get('peak_bytes') or 0) / MiB:,.0f} MiB, OOM kills {r.get('oom_kills', '-')}"
+                                for k, r in fulls.items()))
+    kept = all(r["returncode"] == 0 and (r.get("plan") or {}).get("budget_kept") for k, r in runs.items()
+               if k.endswith("/memory-budget"))
+    print(f"\nevery --memory-budget run {'trained within its budget' if kept else 'did NOT keep its budget'}")
+    return 0 if kept else 1
 
 
 if __name__ == "__main__":

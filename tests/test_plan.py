@@ -104,7 +104,9 @@ def test_the_plan_takes_the_largest_micro_batch_that_fits_in_the_order_of_expect
 
 def test_memory_budget_trains_the_first_option_whose_real_step_fits(tmp_path, monkeypatch, capsys):
     synthetic(monkeypatch, {"paper": 10, "lean": 4, "cut": 3})
-    measured = iter([400, 280])  # option 1 (lean at 32) fails its real step, option 2 (16 x 2) passes
+    # option 1 (lean at 32) fails its real step, option 2 (16 x 2) passes: 260 MiB plus the check's margin (6% and
+    # 16 MiB: 292 MiB) is within 300 MiB, while 290 MiB would be under the budget but not under it with the margin
+    measured = iter([290, 260])
     monkeypatch.setattr(plan_mod, "measure_step", lambda *a, **k: {"process_peak_bytes": next(measured) << 20})
     monkeypatch.setattr(cli_train, "_restart", lambda argv: main(argv))
     out = tmp_path / "run"
@@ -114,9 +116,23 @@ def test_memory_budget_trains_the_first_option_whose_real_step_fits(tmp_path, mo
     shown = capsys.readouterr().out
     assert "does not fit 300 MiB" in shown and "training option 2: as given" in shown
     record = json.loads((out / "plan.json").read_text())
-    assert record["chosen"] == 1 and record["options"][0]["measured_bytes"] >= 400 << 20
+    assert record["chosen"] == 1 and record["options"][0]["measured_bytes"] >= 290 << 20
+    # the trained run's whole-process peak is recorded against the budget, and said in one line either way
+    assert record["budget_kept"] == (record["trained_peak_bytes"] <= 300 << 20)
+    assert ("trained within the budget" in shown) == record["budget_kept"]
+    assert ("exceeded the 300 MiB budget" in shown) != record["budget_kept"]
     report = json.loads((out / "report.json").read_text())
     assert (report["config"]["batch_size"], report["config"]["accumulate"]) == (16, 2)
+
+
+def test_plan_margins_are_one_sided_towards_safety(monkeypatch):
+    """An option fits only with the prediction's margin: 100 + 10 MiB per image fits 20 images in 300 MiB without it,
+    16 with it (1.05 x 216 + 24 = 251 MiB; 1.05 x 300 + 24 > 300)."""
+    synthetic(monkeypatch, {"paper": 10, "lean": 10, "cut": 10})
+    planner = Planner(make_config({**MICRO, "method": "full", "batch_size": 20}))
+    (option,) = planner.plan(parse_size("300MiB"))
+    assert option.cfg.batch_size == 10 and option.predicted == 200 << 20  # micro-batches of 20: 20, 10, 5, 1
+    assert plan_mod.with_margin(300 << 20, plan_mod.PREDICTION_MARGIN) > 300 << 20
 
 
 def test_memory_budget_refusals_are_one_line(tmp_path, monkeypatch, capsys):
@@ -131,7 +147,7 @@ def test_memory_budget_refusals_are_one_line(tmp_path, monkeypatch, capsys):
 
 def test_bsr_plan_prints_the_table(monkeypatch, capsys):
     monkeypatch.setattr(plan_mod, "overhead", lambda *a, **k: NO_OVERHEAD)
-    assert main(["plan", "--budget", "40MiB", "--model", "vit_micro_patch4_28", "--checkpoint", "none",
+    assert main(["plan", "--budget", "80MiB", "--model", "vit_micro_patch4_28", "--checkpoint", "none",
                  "--batch-size", "8"]) == 0
     table = capsys.readouterr().out
     assert "| 1 | as given | 8 x 1 |" in table and "lean preset" in table and "GFLOP/step" in table

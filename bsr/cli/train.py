@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
             return 0  # only where _restart returns (tests)
         report = train(cfg, progress=not args.no_progress)
         print("\n".join(summary_lines(report)))
+        from ..measure.plan import record_trained_peak
+        record_trained_peak(Path(args.planned), int(report["peak_memory_mib"] * 2 ** 20), _log)
         return 0
     if args.resume is not None:
         if args.config_file or args.memory_budget:

@@ -160,8 +160,9 @@ def reprogram(model: nn.Module, config: Optional[BSRConfig] = None) -> nn.Module
     """Patch a timm `VisionTransformer` or `Eva` in place for BSR and return it.
 
     Freezes everything except the trainable blocks, the final norm(s), the attention pool and the head (and with
-    `train_patch_embed` the patch embedding and its norm, position embedding, class and register tokens); installs token dropping
-    at the drop blocks (prefix tokens: class and registers, never dropped); runs the frozen prefix without autograd.
+    `train_patch_embed` the patch embedding and its norm, position embedding, class and register tokens); installs
+    token dropping at the drop blocks (prefix tokens: class and registers, never dropped); runs the frozen prefix
+    without autograd.
     `state_dict` keys are unchanged. With `keep_rate=1` and `trainable_blocks="all"` the model keeps the host's exact
     forward. Undo with `restore(model)`.
     """
@@ -313,7 +314,8 @@ class Summary:
 
     def __str__(self) -> str:
         pct = 100.0 * self.trainable_params / max(self.total_params, 1)
-        score = f", patch tokens ranked by {self.token_score} attention" if self.token_score and self.drop_blocks else ""
+        ranked = self.token_score and self.drop_blocks
+        score = f", patch tokens ranked by {self.token_score} attention" if ranked else ""
         lines = [f"trainable params: {self.trainable_params:,} / {self.total_params:,} ({pct:.1f}%)",
                  f"input: {self.img_size[0]}x{self.img_size[1]}",
                  f"prefix tokens (never dropped): {self.prefix_tokens}{score}",

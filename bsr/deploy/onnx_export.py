@@ -2,8 +2,9 @@
 
 BSR (Sarkar et al., arXiv 2405.10951) drops tokens in inference too, so the export must keep the drop: at every drop
 block the graph computes the token scores (the class token's row of the attention, B x H x 1 x N, or the attention
-each token receives, a q-sized block of queries at a time: `bsr.core.ops`), ranks the tokens with `TopK`, gathers the kept ones (`GatherElements`) and appends the fused token (a `MatMul` of the dropped tokens
-with their scores); every later block runs on the reduced sequence. `onnx_token_counts` measures the sequence length
+each token receives, a q-sized block of queries at a time: `bsr.core.ops`), ranks the tokens with `TopK`, gathers
+the kept ones (`GatherElements`) and appends the fused token (a `MatMul` of the dropped tokens with their scores);
+every later block runs on the reduced sequence. `onnx_token_counts` measures the sequence length
 each block's attention and MLP really see in onnxruntime.
 
 Exporter: torch's TorchScript-based exporter (`torch.onnx.export(dynamo=False)`). The dynamo exporter (torch's
