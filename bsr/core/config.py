@@ -14,7 +14,7 @@ from ..errors import BSRError
 
 BlockSpec = Union[str, Sequence[int]]
 
-FROZEN_DTYPES = ("float32", "bfloat16", "float16")
+FROZEN_DTYPES = ("float32", "bfloat16", "float16", "int8")
 RECOMPUTE = ("auto", "none", "first", "all")
 TOKEN_SCORES = ("auto", "cls", "mean")
 PRESETS: dict[str, dict] = {
@@ -100,8 +100,9 @@ class BSRConfig:
                           "the first trainable one then keep activations for backward)"})
     frozen_dtype: str = field(
         default="float32",
-        metadata={"help": "storage dtype of the frozen blocks' Linear weights (float32, bfloat16, float16); they "
-                          "are cast to the activation dtype on the fly and nothing extra is saved for backward"})
+        metadata={"help": "storage dtype of the frozen blocks' Linear weights: float32; bfloat16/float16 (stored "
+                          "and multiplied in that dtype); int8 (a scale per output channel, dequantized for each "
+                          "matmul, multiplied in the activation's dtype); nothing extra is saved for backward"})
     recompute: str = field(
         default="auto",
         metadata={"help": "recompute activations in backward instead of keeping them: none; first (the first "

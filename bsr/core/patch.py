@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from timm.layers import Attention, AttentionRope
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from ..errors import BSRError
 from .config import BSRConfig, ResolvedBSR
 from .drop import DROP_ATTRS
+from .frozen import FrozenInt8Linear, FrozenLowPrecisionLinear, restore_frozen_linears, store_frozen_linears
 from .eva import BSREva, BSREvaBlock
 from .ops import token_counts
 from .vit import _STATE, BSRBlock, BSRVisionTransformer
@@ -42,40 +42,6 @@ class _PatchState:
     block_classes: dict[int, type]
     requires_grad: dict[str, bool]
     linear_dtypes: dict[str, torch.dtype]  # frozen Linears whose weight now lives in `frozen_dtype`
-
-
-class _FrozenLinearFn(torch.autograd.Function):
-    """y = x W^T + b computed and returned in the dtype of a frozen, low-precision W (bfloat16/float16).
-
-    Saves only W itself (a parameter, already resident) for the input gradient: a plain `F.linear(x, W.float())`
-    would keep an fp32 copy of W alive until backward. Computing in W's dtype uses the fast low-precision matmul
-    kernels (AVX512-BF16 / AMX on CPUs, tensor cores on GPUs), and the ops after it (attention, GELU) then run and
-    save their inputs in that dtype too, as under autocast; the residual stream stays in its own dtype.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-        ctx.save_for_backward(weight)
-        ctx.out_dtype = x.dtype
-        bias = None if bias is None else bias.to(weight.dtype)
-        return F.linear(x.to(weight.dtype), weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        (weight,) = ctx.saved_tensors
-        return (grad_out.to(weight.dtype) @ weight).to(ctx.out_dtype), None, None
-
-
-class FrozenLowPrecisionLinear(nn.Linear):
-    """A frozen timm/torch `nn.Linear` whose weight is stored, and whose matmul runs, in bfloat16/float16.
-
-    Changes against the host: the weight's dtype; the matmul's input and output dtype (the weight's); no gradient for
-    weight or bias (they must be frozen).
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        with torch.autocast(x.device.type, enabled=False):  # the function picks its own dtypes
-            return _FrozenLinearFn.apply(x, self.weight, self.bias)
 
 
 def _check_host_type(model: nn.Module) -> None:
@@ -197,30 +163,16 @@ def reprogram(model: nn.Module, config: Optional[BSRConfig] = None) -> nn.Module
         blk._bsr_drop_in_eval, blk._bsr_score_grad = resolved.drop_in_eval, resolved.score_grad
         blk._bsr_score, blk._bsr_prefix = resolved.token_score, model.num_prefix_tokens
     if resolved.frozen_dtype != "float32":
-        _store_frozen_linears(model, resolved, state)
+        state.linear_dtypes = store_frozen_linears(model, resolved.trainable_blocks, resolved.frozen_dtype)
     if resolved.first_trainable > 0 or resolved.recompute != "none" or (eva and resolved.drop_blocks):
         model.__class__ = BSREva if eva else BSRVisionTransformer
     setattr(model, _STATE, state)
     return model
 
 
-def _store_frozen_linears(model: nn.Module, resolved: ResolvedBSR, state: _PatchState) -> None:
-    """Move the weights of the frozen blocks' Linears to `frozen_dtype` and compute them on the fly."""
-    dtype = getattr(torch, resolved.frozen_dtype)
-    trainable = set(resolved.trainable_blocks)
-    for i, blk in enumerate(model.blocks):
-        if i in trainable:
-            continue
-        for name, module in blk.named_modules():
-            if type(module) is nn.Linear:
-                state.linear_dtypes[f"blocks.{i}.{name}"] = module.weight.dtype
-                module.weight.data = module.weight.data.to(dtype)
-                module.__class__ = FrozenLowPrecisionLinear
-
-
 def restore(model: nn.Module) -> nn.Module:
     """Undo `reprogram`: original classes, `requires_grad` flags and weight dtypes. Parameters (trained or not) are
-    kept; weights stored in a lower `frozen_dtype` come back rounded to it."""
+    kept; weights stored in a lower `frozen_dtype` come back rounded to it (int8: on its per-row grid, exactly)."""
     state: Optional[_PatchState] = getattr(model, _STATE, None)
     if state is None:
         raise BSRError("model is not reprogrammed by bsr; nothing to restore")
@@ -229,10 +181,7 @@ def restore(model: nn.Module) -> nn.Module:
         blk.__class__ = cls
         for name in DROP_ATTRS:
             blk.__dict__.pop(name, None)
-    for name, dtype in state.linear_dtypes.items():
-        module = model.get_submodule(name)
-        module.__class__ = nn.Linear
-        module.weight.data = module.weight.data.to(dtype)
+    restore_frozen_linears(model, state.linear_dtypes)
     model.__class__ = state.model_class
     for name, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(name, p.requires_grad))

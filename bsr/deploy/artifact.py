@@ -26,6 +26,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from ..core.config import BSRConfig
+from ..core.frozen import float_storage, int8_storage
 from ..core.patch import bsr_state, reprogram, resolve_for
 from ..errors import BSRError
 from ..tensorfile import save_tensors
@@ -237,6 +238,7 @@ def _check_rebuilds(vit: nn.Module, state: Mapping[str, Tensor], doc: dict) -> N
 
 def _build(doc: dict, state: dict[str, Tensor], path: Path, device: str | torch.device) -> nn.Module:
     """Rebuild the model from metadata, load `state` strictly, re-apply the BSR patch, eval mode."""
+    state = float_storage(state)  # int8 frozen weights with their scales (frozen_dtype int8) back to float
     state = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in state.items()}
     model = _create(doc)
     problem = _mismatch({k: v.shape for k, v in model.state_dict().items()}, {k: v.shape for k, v in state.items()})
@@ -307,7 +309,7 @@ def save_model(model: nn.Module, path: str | Path, *, model_name: Optional[str] 
     state = inference_state(vit)
     doc = _metadata_doc(vit, "full", model_name, model_kwargs, bsr, class_names, mean, std, extra)
     _check_rebuilds(vit, state, doc)
-    return _write(Path(path), _stored(state, dtype), doc)
+    return _write(Path(path), int8_storage(vit, _stored(state, dtype)), doc)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

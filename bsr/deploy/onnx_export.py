@@ -21,7 +21,8 @@ What cannot be expressed as-is, and how it is handled:
   only the batch is dynamic), so it is read as a constant while tracing;
 - bf16 frozen Linears (the lean preset): onnxruntime's CPU kernels have no bf16 matmul, so the export holds them as
   float32 Linears with the bf16-rounded weights; the graph then computes in float32 and differs from the PyTorch
-  bf16 computation by the rounding of the activations (not of the weights);
+  bf16 computation by the rounding of the activations (not of the weights); int8 frozen Linears are float32 Linears
+  with the dequantized weights (the same values PyTorch multiplies; the file is not smaller);
 - training-only features (dropout, drop path, recomputation, score gradients) are absent in eval mode.
 """
 
@@ -41,7 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from ..core.ops import token_counts
-from ..core.patch import _STATE, FrozenLowPrecisionLinear, bsr_state, record_kept_tokens
+from ..core.frozen import as_float_linear
+from ..core.patch import _STATE, bsr_state, record_kept_tokens
 from ..errors import BSRError
 from ..files import atomic_write_bytes
 from .artifact import host_vit, merged_model, one_line
@@ -75,10 +77,9 @@ def export_copy(model: nn.Module, train: bool = False) -> nn.Module:
     vit = merged_model(model)
     vit = copy.deepcopy(vit) if vit is model else vit
     for module in vit.modules():
-        if isinstance(module, FrozenLowPrecisionLinear):  # no bf16 matmul on onnxruntime's CPU: float32, bf16 values
-            module.weight.data = module.weight.data.float()
-            module.__class__ = nn.Linear
-        elif hasattr(module, "_bsr_keep_rate"):  # a drop block
+        if as_float_linear(module):  # no bf16 matmul on onnxruntime's CPU: float32 with the stored values
+            continue
+        if hasattr(module, "_bsr_keep_rate"):  # a drop block
             module._bsr_static = True
     state = getattr(vit, _STATE, None)
     if state is not None and state.resolved.recompute != "none":  # the graph has no torch.utils.checkpoint

@@ -83,7 +83,7 @@ class Overhead:
 
 def kernel_kind(cfg: TrainConfig) -> str:
     """"bf16" when frozen weights or autocast compute in 16 bit (other kernels, other workspaces), else "fp32"."""
-    half = cfg.amp != "off" or (cfg.method in ("bsr", "tokendrop") and cfg.bsr.frozen_dtype != "float32")
+    half = cfg.amp != "off" or (cfg.method in ("bsr", "tokendrop") and cfg.bsr.frozen_dtype in ("bfloat16", "float16"))
     return "bf16" if half else "fp32"
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..core import models  # noqa: F401  (registers vit_micro_patch4_28)
+from ..core.frozen import float_storage
 from ..core.moe import moeify
 from ..core.multitask import MultiTaskViT
 from ..data import dataset_info
@@ -81,18 +82,26 @@ def _log(message: str) -> None:
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or .pth/.pt (weights only, never arbitrary pickles)."""
+    """A state dict from .safetensors or .pth/.pt (weights only, never arbitrary pickles); a bsr model file's int8
+    frozen weights (frozen_dtype int8) come back as float, exactly; int8 weights without bsr's scales are refused."""
     from safetensors.torch import load_file
 
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
+            state = float_storage(load_file(str(path)))
+            int8 = next((k for k, v in state.items() if v.dtype == torch.int8), None)
+            if int8 is not None:
+                raise BSRError(f"weights {path} hold int8 tensors without bsr's per-channel scales (e.g. {int8!r}); "
+                               f"give base weights in float (a bsr model file or `bsr export --format timm`)")
+            return state
         if path.suffix in (".pth", ".pt", ".bin"):
             state = torch.load(path, map_location="cpu", weights_only=True)
             for key in ("model", "state_dict", "model_ema"):
                 if isinstance(state, dict) and isinstance(state.get(key), dict):
                     state = state[key]
             return state
+    except BSRError:
+        raise
     except Exception as e:  # any parse failure of a user file is a user error: report it in one line
         raise BSRError(f"cannot read weights {path}: {type(e).__name__}: {' '.join(str(e).split())[:160]}") from None
     raise BSRError(f"weights {path} have an unknown format; use .safetensors, .npz, .pth or .pt")

@@ -26,7 +26,7 @@ from bsr_device.session import DeviceSession, checkpoint_parameters
 from bsr_device.trainer import CHECKPOINT_FILE, REPORT, RUN_FILE
 
 from ..core import bsr_state
-from ..core.patch import FrozenLowPrecisionLinear
+from ..core.frozen import FrozenInt8Linear, FrozenLowPrecisionLinear
 from ..deploy.onnx_export import export_copy
 from ..deploy.ort_optim import OptimizerSpec, decay_matches
 from ..deploy.ort_training import export_ort_training
@@ -151,7 +151,7 @@ def verify_device(artifacts: str | Path, cfg: TrainConfig, model: nn.Module, ste
     bf16 matmul), so the reference is then the exported copy, whose frozen Linears compute in float32 with the same
     rounded weights; PyTorch's own lean step computes them in bf16 and differs from both by that rounding."""
     session = DeviceSession(artifacts, graph_format=graph_format)
-    low_precision = any(isinstance(m, FrozenLowPrecisionLinear) for m in model.modules())
+    low_precision = any(isinstance(m, (FrozenLowPrecisionLinear, FrozenInt8Linear)) for m in model.modules())
     vit = export_copy(model, train=True) if low_precision else host(model)
     vit.train()
     optimizer = _stepwise_optimizer(cfg, vit)
