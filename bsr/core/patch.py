@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..errors import BSRError
 from .config import BSRConfig, ResolvedBSR
 from .drop import DROP_ATTRS
-from .frozen import FrozenInt8Linear, FrozenLowPrecisionLinear, restore_frozen_linears, store_frozen_linears
+from .frozen import restore_frozen_linears, store_frozen_linears
 from .eva import BSREva, BSREvaBlock
 from .ops import token_counts
 from .vit import _STATE, BSRBlock, BSRVisionTransformer
