@@ -125,3 +125,15 @@ def test_the_trace_counts_int8_weights_as_one_byte():
     f32 = trace_config(make_config({**base, "bsr": {"frozen_dtype": "float32"}}), 10)
     i8 = trace_config(make_config({**base, "bsr": {"frozen_dtype": "int8"}}), 10)
     assert i8.param_bytes < f32.param_bytes * 0.5
+
+
+def test_bench_methods_take_an_int8_suffix():
+    from bsr.measure.bench_spec import BenchSpec, method_config
+
+    spec = BenchSpec(methods=["bsr-lean", "bsr-lean+int8"])
+    spec.check()
+    assert method_config(spec, "bsr-lean")[1].frozen_dtype == "bfloat16"
+    method, config = method_config(spec, "bsr-lean+int8")
+    assert method == "bsr" and config.frozen_dtype == "int8" and config.recompute == "all"
+    with pytest.raises(BSRError, match="use it on bsr"):
+        BenchSpec(methods=["full+int8"]).check()

@@ -32,7 +32,8 @@ OPTIMIZERS = ("sgd", "adamw")
 # Suffixes of a method name, each an optimizer option of the same method (`bsr.train.fused`), e.g. moe-bsr+fused+bf16:
 FUSED = "+fused"  # the optimizer step fused into backward, each gradient freed once used
 BF16_STATE = "+bf16"  # SGD's momentum / Adam's first moment in bf16 between steps (TrainConfig.optimizer_state)
-OPTION_SUFFIXES = (FUSED, BF16_STATE)
+INT8 = "+int8"  # a BSR method with its frozen Linears stored in int8 (BSRConfig.frozen_dtype), e.g. bsr-lean+int8
+OPTION_SUFFIXES = (FUSED, BF16_STATE, INT8)
 RECORD_PREFIX = "BSR_BENCH_RECORD "  # marks the worker's result line on stdout (libraries may print too)
 MIB = 2 ** 20
 
@@ -58,7 +59,7 @@ class BenchSpec:
                                             f"--moe: {','.join(MOE_DEFAULT)}); "
                                             f"METHOD{FUSED}: with the optimizer step fused into backward; "
                                             f"METHOD{BF16_STATE}: with the momentum in bf16 (both: METHOD{FUSED}"
-                                            f"{BF16_STATE})")
+                                            f"{BF16_STATE}); BSR-METHOD{INT8}: frozen weights in int8")
     steps: int = _f(5, "timed round-robin rounds (one training step of every method each); medians over them")
     warmup: int = _f(1, "untimed rounds before the timed ones, and untimed steps before the memory window")
     memory_steps: int = _f(1, "training steps inside the peak-memory window, after warm-up (each has the same "
@@ -112,6 +113,10 @@ class BenchSpec:
         suffixes = [o for m in self.methods for o in method_options(m) if o not in OPTION_SUFFIXES]
         if suffixes:
             raise BSRError(f"unknown method option {suffixes[0]!r}; a method name takes {', '.join(OPTION_SUFFIXES)}")
+        frozen = [m for m in self.methods if INT8 in method_options(m) and "bsr" not in base_method(m)]
+        if frozen:
+            raise BSRError(f"{frozen[0]!r}: {INT8} stores the frozen blocks of a BSR method in int8; use it on bsr, "
+                           f"bsr-lean or moe-bsr")
         unknown = [m for m in self.methods if base_method(m) not in known]
         if unknown or not self.methods:
             other = " (without --moe)" if self.moe else " (or --moe for the multi-task methods)"
@@ -178,13 +183,15 @@ def has_bf16_state(name: str) -> bool:
 
 def method_config(spec: BenchSpec, name: str) -> tuple[str, BSRConfig]:
     """(method for `apply_method`, its BSR options) of a bench method name; `bsr-lean` is bsr with the lean preset,
-    a multi-task name maps to the single-task method it applies (`MOE_METHODS`), option suffixes change neither."""
+    a multi-task name maps to the single-task method it applies (`MOE_METHODS`); `+int8` stores the frozen weights in
+    int8, the other option suffixes change neither."""
+    overrides = {**spec.bsr, **({"frozen_dtype": "int8"} if INT8 in method_options(name) else {})}
     name = base_method(name)
     method = MOE_METHODS[name][0] if name in MOE_METHODS else name
     try:
         if name in LEAN_METHODS:
-            return "bsr", BSRConfig.preset("lean", **spec.bsr)
-        return method, BSRConfig(**spec.bsr)
+            return "bsr", BSRConfig.preset("lean", **overrides)
+        return method, BSRConfig(**overrides)
     except TypeError as e:  # an override that is not a BSRConfig field
         raise BSRError(f"bad BSR option in {sorted(spec.bsr)}: {e}") from None
 
