@@ -83,8 +83,17 @@ def fwd_gmacs_per_image(model: nn.Module, img_size: Union[int, tuple[int, int], 
         in_chans = getattr(proj, "in_channels", 3)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     x = torch.randn(1, in_chans, height, width, device=device, dtype=dtype)
-    with torch.no_grad():
-        flops = count_flops(lambda: model(x))
+    # No gradients anyway; flags off too, because a view of a parameter made under no_grad still "requires grad"
+    # without a grad_fn, which the flop counter's module tracker rejects (timm's attention pool: latent.expand).
+    params = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with torch.no_grad():
+            flops = count_flops(lambda: model(x))
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     return flops / 2 / 1e9
 
 
