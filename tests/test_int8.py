@@ -137,3 +137,24 @@ def test_bench_methods_take_an_int8_suffix():
     assert method == "bsr" and config.frozen_dtype == "int8" and config.recompute == "all"
     with pytest.raises(BSRError, match="use it on bsr"):
         BenchSpec(methods=["full+int8"]).check()
+
+
+def test_device_artifacts_keep_int8_frozen_weights_in_int8(tmp_path):
+    """On-device training artifacts of an int8 model: the frozen weights are int8 frozen parameters of the ORT
+    checkpoint (a quarter of their float bytes) behind DequantizeLinear, and ORT trains what PyTorch trains."""
+    pytest.importorskip("onnxruntime.training", reason="onnxruntime-training is not installed")
+    from bsr.train import make_config
+    from bsr.train.device import export_device, verify_device
+    from bsr.train.methods import host
+    from bsr.train import setup_model
+
+    sizes = {}
+    for dtype in ("float32", "int8"):
+        cfg = make_config({"model": "vit_micro_patch4_28", "checkpoint": "none", "img_size": 16, "lr": 1e-4,
+                           "bsr": {"frozen_dtype": dtype}})
+        record = export_device(cfg, tmp_path / dtype)
+        sizes[dtype] = record["files"]["checkpoint"]
+    assert sizes["int8"] < 0.6 * sizes["float32"]
+    model = setup_model(cfg, torch.device("cpu"), 10)
+    result = verify_device(tmp_path / "int8", cfg, host(model), steps=3, batch=4)
+    assert result["max_loss_diff"] < 1e-4, result

@@ -187,7 +187,7 @@ def as_float_linear(module: nn.Module) -> bool:
     place (exports: ONNX Runtime's CPU kernels have no bf16 matmul); False if `module` is not one."""
     if isinstance(module, FrozenInt8Linear):
         weight = module.float_weight()
-        del module._buffers["weight_scale"]
+        module._bsr_int8 = (module.weight.data, module._buffers.pop("weight_scale"))  # for an int8 ONNX file
     elif isinstance(module, FrozenLowPrecisionLinear):
         weight = module.weight.data.float()
     else:

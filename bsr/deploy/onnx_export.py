@@ -21,8 +21,9 @@ What cannot be expressed as-is, and how it is handled:
   only the batch is dynamic), so it is read as a constant while tracing;
 - bf16 frozen Linears (the lean preset): onnxruntime's CPU kernels have no bf16 matmul, so the export holds them as
   float32 Linears with the bf16-rounded weights; the graph then computes in float32 and differs from the PyTorch
-  bf16 computation by the rounding of the activations (not of the weights); int8 frozen Linears are float32 Linears
-  with the dequantized weights (the same values PyTorch multiplies; the file is not smaller);
+  bf16 computation by the rounding of the activations (not of the weights); int8 frozen Linears are stored as int8
+  with their scales and a `DequantizeLinear` (`bsr.deploy.onnx_int8`), computing with the very float weights PyTorch
+  multiplies;
 - training-only features (dropout, drop path, recomputation, score gradients) are absent in eval mode.
 """
 
@@ -47,6 +48,7 @@ from ..core.patch import _STATE, bsr_state, record_kept_tokens
 from ..errors import BSRError
 from ..files import atomic_write_bytes
 from .artifact import host_vit, merged_model, one_line
+from .onnx_int8 import MIN_OPSET, int8_layers, quantize_initializers
 
 DEFAULT_OPSET = 17
 ONNX_META_KEY = "bsr"  # metadata_props key of the JSON document (class names, mean/std, ...) of an export
@@ -134,7 +136,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, img_size: Optional[int | 
         raise BSRError(f"ONNX export failed at opset {opset} ({one_line(e)[:300]}); try opset {DEFAULT_OPSET} or "
                        f"the model's own img_size") from None
     path = Path(path)
-    data = buf.getvalue()
+    data, int8 = buf.getvalue(), int8_layers(vit)
+    if int8 and opset >= MIN_OPSET:  # int8 frozen weights stay int8 in the file (DequantizeLinear)
+        data, _ = quantize_initializers(data, int8)
     if metadata is not None:
         data = _with_metadata(data, {**metadata, "img_size": list(size), "outputs": outputs,
                                      "bsr": None if resolved is None else dataclasses.asdict(resolved)})

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from bsr_device.artifacts import EVAL_MODEL, IR_VERSION, OPTIMIZER_MODEL, TRAINING_MODEL, write_metadata
 
 from ..errors import BSRError
+from .onnx_int8 import dequantize_initializers, dequantize_node
 from .artifact import one_line
 from .onnx_export import DEFAULT_OPSET, ONNX_META_KEY, export_copy
 from .ort_optim import OptimizerSpec, optimizer_graph
@@ -63,10 +64,20 @@ class _TrainStep(nn.Module):
 
 
 def training_names(model: nn.Module) -> tuple[list[str], list[str]]:
-    """(trained, frozen) parameter names of `model` (a timm ViT, BSR-patched or not), in `named_parameters` order."""
+    """(trained, frozen) parameter names of `model` (a timm ViT, BSR-patched or not), in `named_parameters` order.
+    Frozen weights stored in int8 are not among them: they stay in the graphs as constants (`int8_weights`)."""
+    constants = set(int8_weights(model))
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad and n not in constants]
     return trained, frozen
+
+
+def int8_weights(model: nn.Module) -> dict[str, tuple]:
+    """{parameter name: (q, scale)} of the frozen Linears `model` stores in int8 (frozen_dtype int8)."""
+    from ..core.frozen import FrozenInt8Linear
+
+    return {f"{name}.weight": (m.weight.detach().cpu().numpy(), m.weight_scale.detach().float().cpu().numpy())
+            for name, m in model.named_modules() if isinstance(m, FrozenInt8Linear)}
 
 
 def _check_model(model: nn.Module) -> None:
@@ -99,10 +110,12 @@ def _torch_export(model: nn.Module, img_size: tuple[int, int], label_smoothing: 
     return buf.getvalue()
 
 
-def _prepare_graph(data: bytes, trained: list[str], doc: Mapping[str, Any]):
+def _prepare_graph(data: bytes, trained: list[str], doc: Mapping[str, Any], int8: Mapping[str, tuple] = {}):
     """The exported graph ready for ORT's gradient builder: parameter names without the `vit.` prefix, IR 10, every
-    `LayerNormalization` with its `Mean` and `InvStdDev` outputs, and `doc` as the "bsr" metadata document that the
-    eval graph and the device's inference export keep (`bsr predict` reads its size, mean/std and classes)."""
+    `LayerNormalization` with its `Mean` and `InvStdDev` outputs, `doc` as the "bsr" metadata document that the
+    eval graph and the device's inference export keep (`bsr predict` reads its size, mean/std and classes), and the
+    int8 frozen weights (`int8`: name -> (q, scale)) as int8 constants behind a `DequantizeLinear`, out of the
+    checkpoint."""
     import json
 
     import onnx
@@ -116,6 +129,8 @@ def _prepare_graph(data: bytes, trained: list[str], doc: Mapping[str, Any]):
         node.input[:] = [rename.get(n, n) for n in node.input]
         if node.op_type == "LayerNormalization" and len(node.output) == 1:
             node.output.extend([f"{node.output[0]}_mean", f"{node.output[0]}_invstd"])
+    if int8:
+        _int8_constants(graph, int8)
     missing = sorted(set(trained) - {i.name for i in graph.initializer})
     if missing:
         raise BSRError(f"the exported graph lost trained parameter {missing[0]} (folded into a constant); report the "
@@ -124,6 +139,19 @@ def _prepare_graph(data: bytes, trained: list[str], doc: Mapping[str, Any]):
     entry = graph_model.metadata_props.add()
     entry.key, entry.value = ONNX_META_KEY, json.dumps(doc, allow_nan=False)
     return graph_model
+
+
+def _int8_constants(graph, int8: Mapping[str, tuple]) -> None:
+    """Replace the float initializers named in `int8` by int8 ones, their scales and a `DequantizeLinear` each."""
+    nodes = []
+    for init in [i for i in graph.initializer if i.name in int8]:
+        q, scale = int8[init.name]
+        graph.initializer.remove(init)
+        graph.initializer.extend(dequantize_initializers(init.name, q, scale))
+        nodes.append(dequantize_node(init.name, axis=0))
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + existing)
 
 
 @contextlib.contextmanager
@@ -189,9 +217,11 @@ def export_ort_training(model: nn.Module, out: str | Path, *, optimizer: Optimiz
     start = time.perf_counter()
     size = tuple(img_size or model.patch_embed.img_size)
     trained, frozen = training_names(model)
+    int8 = int8_weights(model)  # int8 values, scales and zero points: frozen parameters (the checkpoint holds int8)
+    frozen += [f"{name}_{part}" for name in int8 for part in ("int8", "scale", "zero")]
     inference = {k: metadata.get(k) for k in ("class_names", "mean", "std", "bsr")}
     graph_model = _prepare_graph(_torch_export(model, size, label_smoothing, opset), trained,
-                                 {**inference, "img_size": list(size), "outputs": ["logits"]})
+                                 {**inference, "img_size": list(size), "outputs": ["logits"]}, int8)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

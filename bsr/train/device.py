@@ -191,11 +191,14 @@ def import_device_run(device_run: str | Path, out: str | Path, log: Callable[[st
     model = setup_model(cfg, torch.device("cpu"))
     session_params = checkpoint_parameters(device_run / CHECKPOINT_FILE)
     params = dict(host(model).named_parameters())
-    missing = sorted(set(params) - set(session_params))
+    constants = {f"{n}.weight" for n, m in host(model).named_modules() if isinstance(m, FrozenInt8Linear)}
+    missing = sorted(set(params) - set(session_params) - constants)  # int8 frozen weights are graph constants
     if missing:
         raise BSRError(f"the device checkpoint lacks {missing[0]}; it was not trained from {artifacts}")
     with torch.no_grad():
         for name, p in params.items():
+            if name not in session_params:
+                continue
             value = torch.from_numpy(session_params[name]).to(p.dtype)
             if not p.requires_grad and not torch.allclose(value.float(), p.float(), rtol=1e-2, atol=1e-3):
                 raise BSRError(f"frozen parameter {name} of the device checkpoint differs from the base weights "
