@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from ..errors import BSRError
 from .ops import drop_tokens, gather_tokens_static, scores_without_gradient
 
+_STATE = "_bsr_state"  # the attribute holding a reprogrammed model's patch state (`bsr.core.patch._PatchState`)
 DROP_ATTRS = ("_bsr_keep_rate", "_bsr_fuse", "_bsr_drop_in_eval", "_bsr_score_grad", "_bsr_score", "_bsr_prefix",
               "_bsr_static", "_bsr_recorder")
 

@@ -18,9 +18,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .attention import eva_attention_with_scores
-from .drop import drop_step, follow_positions, is_dropping, refuse_masks, scores_need_grad
-
-_STATE = "_bsr_state"
+from .drop import _STATE, drop_step, follow_positions, is_dropping, refuse_masks, scores_need_grad
 
 
 def eva_attn_residual(blk: EvaBlock, x: Tensor, rope: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:

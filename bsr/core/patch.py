@@ -23,11 +23,11 @@ from torch import Tensor, nn
 
 from ..errors import BSRError
 from .config import BSRConfig, ResolvedBSR
-from .drop import DROP_ATTRS
-from .frozen import restore_frozen_linears, store_frozen_linears
+from .drop import _STATE, DROP_ATTRS
 from .eva import BSREva, BSREvaBlock
+from .frozen import restore_frozen_linears, store_frozen_linears
 from .ops import token_counts
-from .vit import _STATE, BSRBlock, BSRVisionTransformer
+from .vit import BSRBlock, BSRVisionTransformer
 
 HOSTS = (VisionTransformer, Eva)
 POOLS = ("token", "avg", "map")  # the heads token dropping keeps valid: the class token, an average, attention pooling
@@ -51,7 +51,7 @@ def _check_host_type(model: nn.Module) -> None:
     if not isinstance(model, HOSTS):
         raise BSRError(f"bsr needs a timm VisionTransformer (ViT, DeiT, DINOv2, SigLIP, ...) or Eva (EVA-02, "
                        f"Perception Encoder), got {type(model).__name__}; build one with timm.create_model('vit_...') "
-                       f"or train it with --keep-rate 1 --method last-k instead")
+                       f"or fine-tune this model with --method full, lora or bitfit")
 
 
 def has_class_token(model: nn.Module) -> bool:
@@ -72,15 +72,16 @@ def _check_blocks(model: nn.Module) -> None:
     for i, blk in enumerate(model.blocks):
         if type(blk) is not block_type:
             raise BSRError(f"block {i} is a {type(blk).__name__}; bsr supports timm's pre-norm {block_type.__name__} "
-                           f"only (not post-norm or parallel blocks); train this model with --keep-rate 1 "
-                           f"--method last-k instead")
+                           f"only (not post-norm or parallel blocks); fine-tune this model with --method full, "
+                           f"lora or bitfit")
         if type(blk.attn) not in attn_types:
             raise BSRError(f"block {i} uses {type(blk.attn).__name__}; bsr supports timm's "
-                           f"{' / '.join(t.__name__ for t in attn_types)} only; train this model with --keep-rate 1 "
-                           f"--method last-k instead")
+                           f"{' / '.join(t.__name__ for t in attn_types)} only; fine-tune this model with --method "
+                           f"full, lora or bitfit")
     if eva and getattr(model, "rope_mixed", False):
         raise BSRError("model uses a depth-dependent rotary embedding (rope_type='mixed'), which bsr does not patch; "
-                       "use a model with rope_type 'cat' (EVA-02, Perception Encoder) or --keep-rate 1")
+                       "use a model with rope_type 'cat' (EVA-02, Perception Encoder) or --method full, lora or "
+                       "bitfit")
 
 
 def _check_dropping(model: nn.Module, resolved: ResolvedBSR) -> None:

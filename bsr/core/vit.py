@@ -13,9 +13,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from .attention import vit_attention_with_scores
-from .drop import drop_step, is_dropping, refuse_masks, scores_need_grad
-
-_STATE = "_bsr_state"
+from .drop import _STATE, drop_step, is_dropping, refuse_masks, scores_need_grad
 
 
 class BSRBlock(Block):
