@@ -315,3 +315,18 @@ def test_a_run_exports_for_the_device_and_continues_there(tmp_path, capsys):
     assert meta["class_names"] == list(CLASSES) and meta["recipe"]["batch_size"] == 4 and meta["source"] == str(run)
     assert main(["export", str(run), str(tmp_path / "art2"), "--format", "ort-training", "--lr", "1"]) == 2
     assert "RUN_DIR carries its own config" in capsys.readouterr().err
+
+
+def test_an_int8_model_trains_on_the_device_and_comes_home(tmp_path, capsys):
+    """frozen_dtype int8: the frozen weights travel as int8 constants; the device run, its inference ONNX and the
+    imported run agree."""
+    data = make_folder(tmp_path / "data")
+    cfg = make_config({**CFG, "dataset": f"folder:{data}", "num_classes": 3, "lr": 1e-3,
+                       "bsr": {"frozen_dtype": "int8"}})
+    export_device(cfg, tmp_path / "art")
+    run = trainer.train(tmp_path / "art", f"folder:{data}", tmp_path / "dev", block_torch=False, log=lambda m: None)
+    assert main(["predict", str(tmp_path / "dev" / "model.onnx"), str(data / "bee" / "1.png")]) == 0
+    import_device_run(tmp_path / "dev", tmp_path / "home")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "home")]) == 0
+    assert f"top-1 {run['final_top1']:.2f}%" in capsys.readouterr().out
