@@ -1,5 +1,6 @@
 """`bsr show-tokens`: which patches a trained BSR run keeps after each drop block (Sarkar et al., arXiv 2405.10951:
-tokens ranked by the CLS token's attention), drawn over the images, one row per image."""
+tokens ranked by the class token's attention, or the attention they receive: `bsr.core.ops`), drawn over the
+images, one row per image."""
 
 from __future__ import annotations
 
