@@ -212,6 +212,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--budget-only", action="store_true", help="skip the full fine-tuning run of each cap")
+    p.add_argument("--train-flags", default="", help="more `bsr train` flags for every run, e.g. '--frozen-dtype int8'")
     p.add_argument("--out", default="runs/capped")
     args = p.parse_args()
     caps, models = args.cap.split(","), args.model.split(",")
@@ -224,7 +225,7 @@ def main() -> int:
     for model in models:
         common = ["--model", model, "--checkpoint", "none", "--dataset", "digits-embedded",
                   "--limit", str(args.batch_size * args.steps), "--batch-size", str(args.batch_size), "--steps",
-                  str(args.steps), "--threads", str(args.threads), "--no-progress"]
+                  str(args.steps), "--threads", str(args.threads), "--no-progress", *args.train_flags.split()]
         for budget in caps:
             cap, why = make_cap(parse_size(budget))
             if cap is None:
@@ -244,7 +245,8 @@ def main() -> int:
                           flush=True)
             finally:
                 cap.close()
-    record = {"caps": caps, "models": models, "batch_size": args.batch_size, "steps": args.steps, "how": sorted(hows),
+    record = {"caps": caps, "models": models, "batch_size": args.batch_size, "steps": args.steps,
+              "train_flags": args.train_flags, "how": sorted(hows),
               "not_used": why, "runs": runs, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (out / "capped.json").write_text(json.dumps(record, indent=1) + "\n")
     print("\n| model | budget = cap | option trained | predicted MiB | checked MiB | trained process peak MiB | "
