@@ -9,7 +9,6 @@ class threads the table through the blocks, which timm's loop cannot do once it 
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -19,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import eva_attention_with_scores
 from .drop import _STATE, drop_step, follow_positions, is_dropping, refuse_masks, scores_need_grad
+from .vit import frozen_prefix, recomputed
 
 
 def eva_attn_residual(blk: EvaBlock, x: Tensor, rope: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
@@ -77,16 +77,13 @@ class BSREva(Eva):
         refuse_masks(attn_mask, is_causal)
         resolved = getattr(self, _STATE).resolved
         first = resolved.first_trainable
-        prefix = [self.patch_embed, self.norm_pre, *self.blocks[:first]]
-        prefix_frozen = not any(p.requires_grad for m in prefix for p in m.parameters()) and not any(
-            p is not None and p.requires_grad for p in (self.cls_token, self.pos_embed, self.reg_token))
-        with torch.no_grad() if prefix_frozen else contextlib.nullcontext():
+        with frozen_prefix(self, first):
             x, rope = self._pos_embed(self.patch_embed(x))
             x = self.norm_pre(x)
             for blk in self.blocks[:first]:
                 x, rope = eva_block(blk, x, rope)
         rest = self.blocks[first:]
-        recompute = {"none": 0, "first": 1, "all": len(rest)}[resolved.recompute] if torch.is_grad_enabled() else 0
+        recompute = recomputed(resolved, len(rest))
         whole = self.grad_checkpointing and not torch.jit.is_scripting()
         for i, blk in enumerate(rest):
             if whole:

@@ -47,6 +47,20 @@ def mlp_residual(blk: Block, x: Tensor) -> Tensor:
     return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
 
+def frozen_prefix(model, first: int):
+    """`torch.no_grad()` when the patch embedding, its norm, the class/register tokens, the position embedding and the
+    blocks before `first` need no gradient (they then keep no activations), else a null context. For every host."""
+    modules = [model.patch_embed, model.norm_pre, *model.blocks[:first]]
+    frozen = not any(p.requires_grad for m in modules for p in m.parameters()) and not any(
+        p is not None and p.requires_grad for p in (model.cls_token, model.pos_embed, model.reg_token))
+    return torch.no_grad() if frozen else contextlib.nullcontext()
+
+
+def recomputed(resolved, rest: int) -> int:
+    """How many of the `rest` blocks after the frozen prefix run under `torch.utils.checkpoint` (none without grad)."""
+    return {"none": 0, "first": 1, "all": rest}[resolved.recompute] if torch.is_grad_enabled() else 0
+
+
 class BSRVisionTransformer(VisionTransformer):
     """A timm `VisionTransformer` whose frozen prefix runs without autograd, optionally recomputing the rest.
 
@@ -60,15 +74,12 @@ class BSRVisionTransformer(VisionTransformer):
         refuse_masks(attn_mask, is_causal)
         resolved = getattr(self, _STATE).resolved
         first = resolved.first_trainable
-        prefix = [self.patch_embed, self.norm_pre, *self.blocks[:first]]
-        prefix_frozen = not any(p.requires_grad for m in prefix for p in m.parameters()) and not any(
-            p is not None and p.requires_grad for p in (self.cls_token, self.pos_embed, self.reg_token))
-        with torch.no_grad() if prefix_frozen else contextlib.nullcontext():  # frozen prefix: keep no activations
+        with frozen_prefix(self, first):
             x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
             for blk in self.blocks[:first]:
                 x = blk(x)
         rest = self.blocks[first:]
-        recompute = {"none": 0, "first": 1, "all": len(rest)}[resolved.recompute] if torch.is_grad_enabled() else 0
+        recompute = recomputed(resolved, len(rest))
         if self.grad_checkpointing and not torch.jit.is_scripting() and len(rest) > 0:
             x = checkpoint_seq(rest, x)
         else:

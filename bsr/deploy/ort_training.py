@@ -110,7 +110,7 @@ def _torch_export(model: nn.Module, img_size: tuple[int, int], label_smoothing: 
     return buf.getvalue()
 
 
-def _prepare_graph(data: bytes, trained: list[str], doc: Mapping[str, Any], int8: Mapping[str, tuple] = {}):
+def _prepare_graph(data: bytes, trained: list[str], doc: Mapping[str, Any], int8: Optional[Mapping[str, tuple]] = None):
     """The exported graph ready for ORT's gradient builder: parameter names without the `vit.` prefix, IR 10, every
     `LayerNormalization` with its `Mean` and `InvStdDev` outputs, `doc` as the "bsr" metadata document that the
     eval graph and the device's inference export keep (`bsr predict` reads its size, mean/std and classes), and the
