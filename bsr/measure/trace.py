@@ -34,6 +34,8 @@ from ..train.optim import autocast
 from .flops import count_flops
 from .memory import OUTSIDE, ROOT, _module_stack, rollup_name
 
+_EXPIRED = torch.Storage._expired  # is the storage behind a weak reference's cdata freed?
+
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of the tensor storages alive after every op run inside it (storages followed by weak reference, each
@@ -74,7 +76,8 @@ class LiveBytes(TorchDispatchMode):
         return int(max(large + heap_factor * small for large, small in self.timeline))
 
     def _sweep(self) -> None:
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+        expired = _EXPIRED  # StorageWeakRef.expired without its two Python lookups: this runs after every op
+        for key in [k for k in self.live if expired(k)]:
             self._add(self.live.pop(key)[1], -1)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
