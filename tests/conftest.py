@@ -3,8 +3,23 @@
 import contextlib
 
 import pytest
+import torch
 
 import bsr.train.loop as loop_mod
+
+
+def images_for(model, batch: int = 3):
+    """A seeded batch of random images of the model's input size."""
+    torch.manual_seed(1)
+    return torch.randn(batch, 3, *model.patch_embed.img_size)
+
+
+def logits_and_grads(model, x):
+    """The logits of `x` and every parameter's gradient of sum(logits**2)."""
+    out = model(x)
+    model.zero_grad(set_to_none=True)
+    out.square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 class Killed(Exception):

@@ -12,6 +12,7 @@ import torch
 import bsr
 from bsr import BSRConfig, BSRError
 from bsr.core.drop import follow_positions
+from conftest import images_for, logits_and_grads
 
 # name -> (timm model, kwargs, resolved token score, prefix tokens)
 FAMILIES = {
@@ -43,23 +44,11 @@ def make(family: str):
     return model
 
 
-def images(model, batch=3):
-    torch.manual_seed(1)
-    return torch.randn(batch, 3, *model.patch_embed.img_size)
-
-
-def logits_and_grads(model, x):
-    out = model(x)
-    model.zero_grad(set_to_none=True)
-    out.square().sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_keep_rate_one_is_the_host(family):
     model = make(family)
     ref = copy.deepcopy(model)
-    x = images(model)
+    x = images_for(model)
     bsr.reprogram(model, BSRConfig(trainable_blocks="all", keep_rate=1.0))
     out, grads = logits_and_grads(model, x)
     ref_out, ref_grads = logits_and_grads(ref, x)
@@ -76,18 +65,18 @@ def test_restore_is_exact(family):
     keys = list(model.state_dict())
     bsr.reprogram(model, BSRConfig(**CFG))
     assert list(model.state_dict()) == keys
-    model(images(model)).sum().backward()
+    model(images_for(model)).sum().backward()
     bsr.restore(model)
     assert type(model) is type(ref) and [type(b) for b in model.blocks] == [type(b) for b in ref.blocks]
     assert not any(k.startswith("_bsr") for b in model.blocks for k in vars(b))
     model.eval(), ref.eval()
-    assert torch.equal(model(images(model)), ref(images(ref)))
+    assert torch.equal(model(images_for(model)), ref(images_for(ref)))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_only_trained_blocks_norms_pool_and_head_get_gradients(family):
     model = bsr.reprogram(make(family), BSRConfig(**CFG))
-    model(images(model)).logsumexp(-1).sum().backward()
+    model(images_for(model)).logsumexp(-1).sum().backward()
     trained = ("blocks.1.", "blocks.3.", "norm.", "fc_norm.", "attn_pool.", "head.")
     for name, p in model.named_parameters():
         if name.startswith(trained):
@@ -112,7 +101,7 @@ def test_tokens_per_block_keep_the_prefix(family):
         blk.mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
     captured = []
     model.blocks[3].register_forward_pre_hook(lambda m, a: captured.append(a[0]))
-    x = images(model)
+    x = images_for(model)
     model(x)
     assert seen == [m for _, m in summary.tokens]
     host = copy.deepcopy(model)
@@ -171,7 +160,7 @@ def test_drop_blocks_match_a_reference_from_host_modules(family):
     model = make(family).eval()
     host = copy.deepcopy(model)
     bsr.reprogram(model, BSRConfig(trainable_blocks="all", drop_blocks="1,2", keep_rate=0.4))
-    x = images(model)
+    x = images_for(model)
     with torch.no_grad():
         torch.testing.assert_close(model(x), _reference(host, x, {1, 2}, score, prefix, 0.4), atol=1e-5, rtol=1e-5)
 
@@ -190,16 +179,16 @@ def test_rotary_rows_follow_the_kept_tokens():
 def test_cls_rule_on_a_mean_pooled_model_and_mean_rule_on_dinov2_both_run():
     model = bsr.reprogram(make("eva02"), BSRConfig(**CFG, token_score="cls"))
     assert bsr.bsr_state(model).token_score == "cls"
-    model(images(model)).sum().backward()
+    model(images_for(model)).sum().backward()
     model = bsr.reprogram(make("dinov2-reg4"), BSRConfig(**CFG, token_score="mean"))
     assert bsr.bsr_state(model).token_score == "mean"
-    model(images(model)).sum().backward()
+    model(images_for(model)).sum().backward()
 
 
 @pytest.mark.parametrize("family", ["dinov2-reg4", "siglip-map", "eva02", "pe-core"])
 def test_recompute_and_frozen_prefix_give_the_same_logits_and_grads(family):
     model = bsr.reprogram(make(family), BSRConfig(**CFG))
-    x = images(model)
+    x = images_for(model)
     out, grads = logits_and_grads(model, x)
     ref = bsr.reprogram(bsr.restore(copy.deepcopy(model)), BSRConfig(**CFG, recompute="all"))
     out_r, grads_r = logits_and_grads(ref, x)
@@ -215,9 +204,9 @@ def test_onnx_export_matches_pytorch(tmp_path, family):
     model = bsr.reprogram(make(family), BSRConfig(**CFG)).eval()
     record = export_onnx(model, tmp_path / "m.onnx", kept_tokens=True)
     for batch in (1, 3):
-        result = verify_onnx(model, tmp_path / "m.onnx", images(model, batch))
+        result = verify_onnx(model, tmp_path / "m.onnx", images_for(model, batch))
         assert result["max_abs_diff"] < 1e-4 and result["kept_agreement"] == 1.0, result
-    assert record["tokens"] == bsr.summary(model).tokens == onnx_token_counts(tmp_path / "m.onnx", images(model, 2))
+    assert record["tokens"] == bsr.summary(model).tokens == onnx_token_counts(tmp_path / "m.onnx", images_for(model, 2))
 
 
 @pytest.mark.parametrize("build,match", [

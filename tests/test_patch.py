@@ -11,6 +11,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 import bsr
 from bsr import BSRConfig, BSRError
 from bsr.core.ops import cls_attention_scores
+from conftest import images_for, logits_and_grads
 
 # (name, timm kwargs): the families the patch promises, shrunk to 4-6 blocks and 16-32 px.
 MODELS = {
@@ -35,23 +36,11 @@ def make(case: str, num_classes: int = 5, **extra) -> VisionTransformer:
     return model
 
 
-def inputs(model: VisionTransformer, batch: int = 3) -> torch.Tensor:
-    torch.manual_seed(1)
-    return torch.randn(batch, 3, *model.patch_embed.img_size)
-
-
-def logits_and_grads(model, x):
-    out = model(x)
-    model.zero_grad(set_to_none=True)
-    out.square().sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("case", list(MODELS))
 def test_keep_rate_one_all_trainable_is_the_host(case):
     model = make(case)
     ref = copy.deepcopy(model)
-    x = inputs(model)
+    x = images_for(model)
     bsr.reprogram(model, BSRConfig(trainable_blocks="all", keep_rate=1.0))
     assert type(model) is type(ref) and all(type(b) is Block for b in model.blocks)  # host's exact path
     out, grads = logits_and_grads(model, x)
@@ -67,7 +56,7 @@ def test_keep_rate_one_all_trainable_is_the_host(case):
 def test_restore_gives_back_the_original_model(case):
     model = make(case)
     ref = copy.deepcopy(model)
-    x = inputs(model)
+    x = images_for(model)
     keys = list(model.state_dict())
     bsr.reprogram(model, BSRConfig(**SMALL_CFG))
     assert list(model.state_dict()) == keys
@@ -83,7 +72,7 @@ def test_restore_gives_back_the_original_model(case):
 @pytest.mark.parametrize("case", list(MODELS))
 def test_only_trainable_blocks_norm_and_head_get_gradients(case):
     model = bsr.reprogram(make(case), BSRConfig(**SMALL_CFG))
-    model(inputs(model)).logsumexp(-1).sum().backward()
+    model(images_for(model)).logsumexp(-1).sum().backward()
     trainable_prefixes = ("blocks.1.", "blocks.3.", "norm.", "fc_norm.", "head.")
     for name, p in model.named_parameters():
         if name.startswith(trainable_prefixes):
@@ -142,7 +131,7 @@ def _host_cls_scores(block, x):
 @pytest.mark.parametrize("case", ["vit", "qk-norm", "unfused-attn"])
 def test_dropped_tokens_are_the_lowest_scoring(case):
     model = bsr.reprogram(make(case), BSRConfig(trainable_blocks="all", drop_blocks="1", keep_rate=0.4))
-    x = inputs(model)
+    x = images_for(model)
     block_inputs = []
     model.blocks[1].register_forward_pre_hook(lambda m, a: block_inputs.append(a[0]))
     with bsr.record_kept_tokens(model) as kept:
@@ -157,7 +146,7 @@ def test_dropped_tokens_are_the_lowest_scoring(case):
 def test_kept_patch_indices_follow_successive_drops():
     model = bsr.reprogram(make("vit"), BSRConfig(trainable_blocks="all", drop_blocks="0,1,2", keep_rate=0.5))
     with bsr.record_kept_tokens(model) as kept:
-        model(inputs(model, batch=2))
+        model(images_for(model, batch=2))
     patches = bsr.kept_patch_indices([kept[i][0] for i in (0, 1, 2)], num_patches=64)
     assert [p.shape[1] for p in patches] == [32, 17, 9]
     for earlier, later in zip(patches, patches[1:]):  # a kept patch was kept by every earlier drop block
@@ -190,7 +179,7 @@ def test_drop_in_eval_switch():
     model = make("vit")
     ref = copy.deepcopy(model).eval()
     bsr.reprogram(model, BSRConfig(**SMALL_CFG, drop_in_eval=False))
-    x = inputs(model)
+    x = images_for(model)
     model.eval()
     assert torch.equal(model(x), ref(x))
     assert _mlp_token_counts(model, x)[2] == 65
@@ -214,7 +203,7 @@ def test_frozen_prefix_records_no_autograd_state():
     outputs = {}
     for i, blk in enumerate(model.blocks):
         blk.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o))
-    saved, _ = _saved_storages(lambda: model(inputs(model)))
+    saved, _ = _saved_storages(lambda: model(images_for(model)))
     assert outputs[1].grad_fn is None and not outputs[1].requires_grad  # blocks 0-1 ran without autograd
     assert outputs[2].requires_grad
 
@@ -226,7 +215,7 @@ def test_frozen_block_after_trainable_saves_only_what_input_grad_needs():
     frozen.norm1.register_forward_hook(lambda m, a, o: captured.__setitem__("norm1_out", o))
     frozen.mlp.fc1.register_forward_pre_hook(lambda m, a: captured.__setitem__("fc1_in", a[0]))
     frozen.mlp.fc2.register_forward_pre_hook(lambda m, a: captured.__setitem__("fc2_in", a[0]))
-    saved, out = _saved_storages(lambda: model(inputs(model)))
+    saved, out = _saved_storages(lambda: model(images_for(model)))
     for name, t in captured.items():  # inputs of frozen Linears are only needed for weight gradients
         assert t.untyped_storage().data_ptr() not in saved, name
     out.sum().backward()
@@ -235,7 +224,7 @@ def test_frozen_block_after_trainable_saves_only_what_input_grad_needs():
 
 def test_gradient_checkpointing_gives_the_same_logits_and_grads():
     model = bsr.reprogram(make("vit"), BSRConfig(**SMALL_CFG))
-    x = inputs(model)
+    x = images_for(model)
     out, grads = logits_and_grads(model, x)
     model.set_grad_checkpointing(True)
     out_ckpt, grads_ckpt = logits_and_grads(model, x)
@@ -247,7 +236,7 @@ def test_gradient_checkpointing_gives_the_same_logits_and_grads():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_autocast(dtype):
     model = bsr.reprogram(make("vit"), BSRConfig(**SMALL_CFG))
-    x = inputs(model)
+    x = images_for(model)
     ref = model(x)
     with torch.autocast("cpu", dtype=dtype):
         out = model(x)
@@ -259,7 +248,7 @@ def test_autocast(dtype):
 
 def test_torch_compile_runs_forward_and_backward():
     model = bsr.reprogram(make("vit"), BSRConfig(**SMALL_CFG))
-    x = inputs(model)
+    x = images_for(model)
     ref = model(x)
     compiled = torch.compile(model, backend="aot_eager")
     out = compiled(x)
@@ -271,7 +260,7 @@ def test_torch_compile_runs_forward_and_backward():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     model = bsr.reprogram(make("vit"), BSRConfig(**SMALL_CFG)).eval()
-    x = inputs(model)
+    x = images_for(model)
     torch.testing.assert_close(model.cuda()(x.cuda()).cpu(), model.cpu()(x), atol=1e-4, rtol=1e-4)
 
 
@@ -330,7 +319,7 @@ def test_registers_and_avg_pool_are_fine_without_dropping():
 def test_attention_masks_and_double_patching_are_refused():
     model = bsr.reprogram(make("vit"), BSRConfig(**SMALL_CFG))
     with pytest.raises(BSRError, match="attention masks"):
-        model(inputs(model), attn_mask=torch.zeros(65, 65, dtype=torch.bool))
+        model(images_for(model), attn_mask=torch.zeros(65, 65, dtype=torch.bool))
     with pytest.raises(BSRError, match="already reprogrammed"):
         bsr.reprogram(model, BSRConfig())
     bsr.restore(model)
@@ -343,14 +332,14 @@ def test_score_grad_off_detaches_scores():
     q, k = torch.randn(1, 2, 5, 4, requires_grad=True), torch.randn(1, 2, 5, 4, requires_grad=True)
     assert cls_attention_scores(q, k, 0.5).requires_grad
     model = bsr.reprogram(make("vit"), BSRConfig(**SMALL_CFG, score_grad=False))
-    model(inputs(model)).sum().backward()
+    model(images_for(model)).sum().backward()
     assert model.blocks[1].attn.qkv.weight.grad is not None
 
 
 @pytest.mark.parametrize("recompute", ["first", "all"])
 def test_recompute_gives_the_same_logits_and_grads(recompute):
     model = bsr.reprogram(make("vit"), BSRConfig(**SMALL_CFG))
-    x = inputs(model)
+    x = images_for(model)
     out, grads = logits_and_grads(model, x)
     bsr.restore(model)
     bsr.reprogram(model, BSRConfig(**SMALL_CFG, recompute=recompute))
@@ -363,10 +352,10 @@ def test_recompute_gives_the_same_logits_and_grads(recompute):
 
 def test_recompute_all_keeps_only_block_inputs():
     model = bsr.reprogram(make("vit"), BSRConfig(**SMALL_CFG))
-    plain, _ = _saved_storages(lambda: model(inputs(model)))
+    plain, _ = _saved_storages(lambda: model(images_for(model)))
     bsr.restore(model)
     bsr.reprogram(model, BSRConfig(**SMALL_CFG, recompute="all"))
-    lean, _ = _saved_storages(lambda: model(inputs(model)))
+    lean, _ = _saved_storages(lambda: model(images_for(model)))
     nbytes = lambda saved: sum(t.untyped_storage().nbytes() for t in saved.values()  # noqa: E731
                                if not isinstance(t, torch.nn.Parameter))
     assert nbytes(lean) < nbytes(plain) / 3
@@ -379,7 +368,7 @@ def test_low_precision_frozen_weights():
     assert model.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16  # frozen block
     assert model.blocks[2].attn.qkv.weight.dtype == torch.bfloat16
     assert model.blocks[1].attn.qkv.weight.dtype == torch.float32  # trainable block
-    x = inputs(model)
+    x = images_for(model)
     bsr.reprogram(ref, BSRConfig(**SMALL_CFG))
     out, grads = logits_and_grads(model, x)
     ref_out, ref_grads = logits_and_grads(ref, x)
@@ -402,7 +391,7 @@ def test_low_precision_frozen_weights():
 def test_lean_preset_trains_under_autocast():
     model = bsr.reprogram(make("vit"), BSRConfig.preset("lean", **SMALL_CFG))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(inputs(model))
+        out = model(images_for(model))
     out.float().sum().backward()
     assert model.blocks[1].attn.qkv.weight.grad is not None
     with pytest.raises(BSRError, match="unknown BSR preset"):
