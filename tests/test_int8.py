@@ -98,6 +98,17 @@ def test_int8_weights_without_scales_are_refused_in_one_line(tmp_path):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("method", ["lora", "last-k", "full", "tokendrop"])
+def test_low_precision_frozen_weights_with_a_method_that_would_ignore_them_are_refused(method):
+    from bsr.train import make_config
+
+    for bsr_options in ({"frozen_dtype": "int8"}, {"preset": "lean"}):
+        with pytest.raises(BSRError, match=f"--method {method} would ignore it") as info:
+            make_config({"method": method, "bsr": bsr_options})
+        assert "\n" not in str(info.value)
+    make_config({"method": "bsr", "bsr": {"frozen_dtype": "int8"}})  # what it is for
+
+
 def test_onnx_export_of_an_int8_model_matches_pytorch(tmp_path):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
     from bsr.deploy import export_onnx, verify_onnx

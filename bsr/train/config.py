@@ -194,6 +194,10 @@ class TrainConfig:
                            f"fused_step steps inside each backward; drop one of them")
         if self.fused_step:
             self._check_fused_step()
+        if self.bsr.frozen_dtype != "float32" and self.method != "bsr":
+            raise BSRError(f"frozen_dtype={self.bsr.frozen_dtype!r} stores the frozen blocks of --method bsr; "
+                           f"--method {self.method} would ignore it: drop --frozen-dtype (and --preset lean) or use "
+                           f"--method bsr")
 
     def _check_no_op(self) -> None:
         """Values that would make training a silent no-op: refused with the reason (issue 31)."""
