@@ -39,7 +39,7 @@ def main() -> None:
     model = setup_model(cfg, torch.device("cpu"), 10)
     groups = [int(g) for g in args.groups.split(",")]
     errors: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for i, blk in enumerate(model.blocks):
+    for blk in model.blocks:
         for name, module in blk.named_modules():
             if type(module) is not nn.Linear:
                 continue
@@ -49,7 +49,8 @@ def main() -> None:
             stored.update({f"int8 per {g} inputs": grouped_int8(w, g) for g in groups if w.shape[1] % g == 0})
             for variant, s in stored.items():
                 errors[name][variant].append(((s - w).norm() / w.norm()).item())
-    table = {name: {v: {"mean": sum(e) / len(e), "max": max(e)} for v, e in per.items()} for name, per in errors.items()}
+    table = {name: {v: {"mean": sum(e) / len(e), "max": max(e)} for v, e in per.items()}
+             for name, per in errors.items()}
     variants = list(next(iter(table.values())))
     print(f"relative L2 rounding error of {args.model}'s block Linears (mean over blocks, max in brackets)\n")
     print("| layer | " + " | ".join(variants) + " |")
