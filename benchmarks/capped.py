@@ -212,7 +212,9 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--budget-only", action="store_true", help="skip the full fine-tuning run of each cap")
-    p.add_argument("--train-flags", default="", help="more `bsr train` flags for every run, e.g. '--frozen-dtype int8'")
+    p.add_argument("--train-flags", default="",
+                   help="more `bsr train` flags for the memory-budget run (the full run is the unchanged reference), "
+                        "e.g. '--frozen-dtype int8'")
     p.add_argument("--out", default="runs/capped")
     args = p.parse_args()
     caps, models = args.cap.split(","), args.model.split(",")
@@ -225,7 +227,7 @@ def main() -> int:
     for model in models:
         common = ["--model", model, "--checkpoint", "none", "--dataset", "digits-embedded",
                   "--limit", str(args.batch_size * args.steps), "--batch-size", str(args.batch_size), "--steps",
-                  str(args.steps), "--threads", str(args.threads), "--no-progress", *args.train_flags.split()]
+                  str(args.steps), "--threads", str(args.threads), "--no-progress"]
         for budget in caps:
             cap, why = make_cap(parse_size(budget))
             if cap is None:
@@ -236,7 +238,7 @@ def main() -> int:
             try:
                 print(f"{model} in {budget}: {cap.how}", flush=True)
                 jobs = ([] if args.budget_only else [("full", ["--method", "full"])]) + \
-                    [("memory-budget", ["--memory-budget", budget])]
+                    [("memory-budget", ["--memory-budget", budget, *args.train_flags.split()])]
                 for name, extra in jobs:
                     key = f"{model}/{budget}/{name}"
                     stem = key.replace("/", "-")

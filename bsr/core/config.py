@@ -105,7 +105,8 @@ class BSRConfig:
         default="float32",
         metadata={"help": "storage dtype of the frozen blocks' Linear weights: float32; bfloat16/float16 (stored "
                           "and multiplied in that dtype); int8 (a scale per output channel, dequantized for each "
-                          "matmul, multiplied in the activation's dtype); nothing extra is saved for backward; --method bsr only"})
+                          "matmul, multiplied in the activation's dtype); nothing extra is saved for backward; "
+                          "--method bsr only"})
     recompute: str = field(
         default="auto",
         metadata={"help": "recompute activations in backward instead of keeping them: none; first (the first "
